@@ -1,0 +1,100 @@
+"""The `refdpo` command.
+
+  refdpo train [--config FILE.yaml] [--field value ...]   DPO and variants from stored reference log-probs
+  refdpo tiny --out DIR                                    a tiny offline model + synthetic dataset to try it on
+
+Errors caused by input (config, data, paths) are printed as one line per problem and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from refdpo.errors import RefdpoError
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+class _DropTiedWeightNotice(logging.Filter):
+    """accelerate warns at every checkpoint of a model with tied embeddings that it stored them once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if _is_main_process() else logging.WARNING)
+    for noisy in ("transformers", "accelerate", "datasets", "torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("accelerate.utils.other").addFilter(_DropTiedWeightNotice())
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-checkpoint "Writing model shards" bars would break our own bar
+
+
+def _train(argv: list[str]) -> int:
+    from refdpo.config import parse_train_args
+    from refdpo.train import train
+
+    summary = train(parse_train_args(argv))
+    if _is_main_process():
+        val = summary["last_val"] or {}
+        print(f"done: {summary['steps']} steps in {summary['run_dir']}; best val loss "
+              f"{summary['best_val_loss']} at step {summary['best_step']}; last val reward accuracy "
+              f"{val.get('val_reward_accuracy')}, policy accuracy {val.get('val_policy_accuracy')}")
+    return 0
+
+
+def _tiny(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="refdpo tiny", description="Build a tiny offline setup: a "
+                                     "tokenizer and random-init Llama (OUT/model) and synthetic pairs in the "
+                                     "RefDPO schema scored by that model as its own reference (OUT/data).")
+    parser.add_argument("--out", required=True, help="folder to create")
+    parser.add_argument("--train_pairs", type=int, default=1024)
+    parser.add_argument("--val_pairs", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--template", default="tulu", choices=("tulu", "zephyr", "model"))
+    parser.add_argument("--max_len", type=int, default=512)
+    parser.add_argument("--force", action="store_true", help="rebuild even if OUT is complete")
+    size = parser.add_argument_group("model size (defaults: ~0.1M parameters; --hidden 1024 --layers 24 "
+                                     "--heads 16 --kv_heads 8 --intermediate 5504 --vocab_size 32000: ~0.5B)")
+    size.add_argument("--hidden", type=int, default=64)
+    size.add_argument("--layers", type=int, default=2)
+    size.add_argument("--heads", type=int, default=4)
+    size.add_argument("--kv_heads", type=int, default=2)
+    size.add_argument("--intermediate", type=int, default=0, help="MLP width (0: 2 x hidden)")
+    size.add_argument("--vocab_size", type=int, default=0, help="embedding rows (0: the tokenizer's size)")
+    args = parser.parse_args(argv)
+    from refdpo.testbed.tiny import build_tiny
+
+    model_size = dict(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
+                      intermediate=args.intermediate, vocab_size=args.vocab_size)
+    out = build_tiny(args.out, args.train_pairs, args.val_pairs, args.seed, args.template, args.max_len,
+                     args.force, model_size)
+    print(f"tiny setup in {out}: model {out / 'model'}, data {out / 'data'}")
+    return 0
+
+
+COMMANDS = {"train": _train, "tiny": _tiny}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    _setup_logging()
+    try:
+        code = COMMANDS[argv[0]](argv[1:])
+    except RefdpoError as e:
+        if _is_main_process():
+            for line in str(e).splitlines():
+                print(f"refdpo {argv[0]}: error: {line}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code)

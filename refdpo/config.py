@@ -1,0 +1,250 @@
+"""Training configuration: one typed dataclass, the single source of every default.
+
+Precedence: dataclass defaults < `--config FILE.yaml` < command-line flags. Every field is a flag
+(`--max_lr 1e-6`, also spelled `--max-lr`); booleans take `--flag` / `--no-flag`. The RefDPO seed's flag
+names work as aliases, so its commands run unchanged apart from the program name:
+  --model_type -> --model   --data_split -> --dataset_config   --epoch -> --epochs
+  --insert_eos -> --template zephyr   --cuda, -l/--log -> accepted (the device comes from accelerate;
+  refdpo always writes its run folder)
+Defaults are the paper's (Liu et al. 2024, App. A; the seed's main.py): lr 5e-7, 3 epochs, 4 pairs per device
+(x 8 GPUs = 32), max_len 2048, 10% warmup then linear decay, clip 1.0, eval every 500 steps, seed 18890426.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from refdpo.data.pairs import ON_TRUNCATED
+from refdpo.data.templates import TEMPLATES
+from refdpo.errors import ConfigError
+from refdpo.objectives import OBJECTIVES, Objective
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = _f("", "policy: hub id or local folder (seed: --model_type)")
+    revision: str | None = _f(None, "model revision (branch, tag or commit) on the hub")
+    tokenizer: str | None = _f(None, "tokenizer id/folder when it differs from the model's")
+    dtype: str = _f("float32", "dtype the weights are loaded in: float32 (master weights for mixed "
+                               "precision), bfloat16, float16")
+    mixed_precision: str | None = _f(None, "no | bf16 | fp16; default: what `accelerate launch` was given")
+    attn_implementation: str = _f("auto", "auto (flash_attention_2 when installed on GPU, else sdpa) | sdpa | "
+                                          "eager | flash_attention_2")
+    gradient_checkpointing: bool = _f(True, "recompute activations in backward (non-reentrant)")
+    trust_remote_code: bool = _f(False, "allow model/tokenizer code from the hub")
+    lora: bool = _f(False, "train LoRA adapters (peft) instead of all weights")
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: int = _f(32, "LoRA alpha")
+    lora_dropout: float = _f(0.05, "LoRA dropout")
+    lora_target_modules: str = _f("all-linear", "comma-separated module names, or all-linear")
+    # data
+    dataset: str = _f("", "hub id (yale-nlp/RefDPO), folder, .jsonl/.parquet file, or save_to_disk folder")
+    dataset_config: str | None = _f(None, "hub config, e.g. mistral, tulu2, mistral_prior, mistralv2, llama3 "
+                                          "(seed: --data_split)")
+    dataset_revision: str | None = _f(None, "dataset revision on the hub")
+    train_split: str = _f("train", "training split name, or a path to its file")
+    val_split: str = _f("val", "validation split name or path; empty to train without evaluation")
+    template: str = _f("tulu", f"chat format: {' | '.join(TEMPLATES)} (seed --insert_eos = zephyr)")
+    max_len: int = _f(2048, "tokens per sequence; longer sequences are truncated at the end")
+    on_truncated: str = _f("drop", f"pairs whose response is truncated away: {' | '.join(ON_TRUNCATED)}")
+    ref_columns: str = _f("chosen_logprob,rejected_logprob", "reference log-prob columns CHOSEN,REJECTED")
+    max_train_pairs: int = _f(0, "use only the first N training pairs (0: all)")
+    max_val_pairs: int = _f(0, "use only the first N validation pairs (0: all)")
+    # objective
+    loss: str = _f("dpo", f"objective: {' | '.join(OBJECTIVES)}")
+    beta: float = _f(0.1, "KL strength beta (SimPO: reward scale)")
+    ref_free: bool = _f(False, "reference-free: the reference term is 0 (the paper's posterior reward)")
+    label_smoothing: float = _f(0.0, "cDPO label-flip probability (loss cdpo)")
+    simpo_gamma: float = _f(0.5, "SimPO target margin gamma")
+    dpo_weight: float = _f(1.0, "constant factor on the loss (seed's --dpo_weight)")
+    # optimisation
+    epochs: int = _f(3, "passes over the training split (seed: --epoch)")
+    batch_size: int = _f(4, "pairs per device per micro-batch")
+    accumulate_step: int = _f(1, "micro-batches per optimizer step")
+    eval_batch_size: int = _f(0, "pairs per device when evaluating (0: batch_size)")
+    max_lr: float = _f(5e-7, "peak learning rate (AdamW)")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    warmup_ratio: float = _f(0.1, "fraction of steps of linear warmup, then linear decay to 0")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
+    seed: int = _f(18890426, "random seed (data order, initialisation of LoRA)")
+    # evaluation, checkpoints, logging
+    eval_interval: int = _f(500, "evaluate every N optimizer steps (and at each epoch end)")
+    eval_at_start: bool = _f(True, "evaluate before the first step (step 0: the reference's own loss)")
+    save_interval: int = _f(0, "save a resumable checkpoint every N steps (0: at each evaluation)")
+    report_freq: int = _f(10, "log training metrics every N optimizer steps")
+    output_dir: str = _f("", "run folder (default runs/<date-time>)")
+    resume: bool = _f(False, "continue the run in --output_dir from its last checkpoint")
+    report_to: str = _f("tensorboard", "comma-separated: tensorboard, wandb, none")
+    wandb_project: str = _f("refdpo", "W&B project when --report_to wandb")
+
+    # --- derived views -------------------------------------------------------------------------------
+    @property
+    def objective(self) -> Objective:
+        return Objective(self.loss, self.beta, self.ref_free, self.label_smoothing, self.simpo_gamma,
+                         self.dpo_weight)
+
+    @property
+    def trackers(self) -> list[str]:
+        names = [t.strip() for t in self.report_to.split(",") if t.strip()]
+        return [] if names in ([], ["none"]) else names
+
+    def validate(self) -> TrainConfig:
+        checks = [
+            (bool(self.model), "--model is required (seed: --model_type)"),
+            (bool(self.dataset), "--dataset is required"),
+            (self.template in TEMPLATES, f"--template must be one of {', '.join(TEMPLATES)}"),
+            (self.on_truncated in ON_TRUNCATED, f"--on_truncated must be one of {', '.join(ON_TRUNCATED)}"),
+            (self.loss in OBJECTIVES, f"--loss must be one of {', '.join(OBJECTIVES)}"),
+            (self.beta > 0 and math.isfinite(self.beta), "--beta must be a positive number"),
+            (0 <= self.label_smoothing < 0.5, "--label_smoothing must be in [0, 0.5)"),
+            (self.loss != "cdpo" or self.label_smoothing > 0, "--loss cdpo needs --label_smoothing > 0"),
+            (self.dtype in ("float32", "bfloat16", "float16"), "--dtype must be float32, bfloat16 or float16"),
+            (self.mixed_precision in (None, "no", "bf16", "fp16"), "--mixed_precision must be no, bf16 or fp16"),
+            (self.max_len > 1, "--max_len must be > 1"),
+            (min(self.epochs, self.batch_size, self.accumulate_step, self.report_freq,
+                 self.eval_interval) >= 1,
+             "--epochs, --batch_size, --accumulate_step, --report_freq and --eval_interval must be >= 1"),
+            (self.max_lr > 0, "--max_lr must be > 0"),
+            (0 <= self.warmup_ratio <= 1, "--warmup_ratio must be in [0, 1]"),
+            (set(self.trackers) <= {"tensorboard", "wandb"}, "--report_to takes tensorboard, wandb or none"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Seed flag -> (field, value when given as a bare switch, or None when it takes a value).
+ALIASES: dict[str, tuple[str | None, object]] = {
+    "--model_type": ("model", None),
+    "--data_split": ("dataset_config", None),
+    "--epoch": ("epochs", None),
+    "--insert_eos": ("template", "zephyr"),
+    "--cuda": (None, True),
+    "-l": (None, True),
+    "--log": (None, True),
+}
+
+
+def _field_types() -> dict[str, type]:
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        t = hints[f.name]
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        out[f.name] = args[0] if args else t
+    return out
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = str(text).lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def build_parser(prog: str = "refdpo train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Train a policy with DPO (or a variant) from "
+                                     "reference log-probs stored in the dataset.", allow_abbrev=False)
+    parser.add_argument("--config", help="YAML file of field: value (flags given here override it)")
+    types = _field_types()
+    for f in dataclasses.fields(TrainConfig):
+        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        kind = types[f.name]
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if kind is bool:
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(*flags, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text,
+                                metavar=f.name.upper())
+    seed = parser.add_argument_group("RefDPO seed aliases")
+    for flag, (dest, switch_value) in ALIASES.items():
+        if dest is None:
+            seed.add_argument(flag, action="store_true", default=argparse.SUPPRESS, dest=f"_ignored{flag}",
+                              help="accepted for compatibility with the seed's commands; no effect")
+        elif switch_value is not None:
+            seed.add_argument(flag, action="store_const", const=switch_value, dest=dest,
+                              default=argparse.SUPPRESS, help=f"= --{dest} {switch_value}")
+        else:
+            seed.add_argument(flag, dest=dest, type=types[dest], default=argparse.SUPPRESS,
+                              help=f"= --{dest}", metavar=dest.upper())
+    return parser
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of field: value, got {type(data).__name__}")
+    return data
+
+
+def _coerce(name: str, value: object, source: str) -> object:
+    kind = _field_types()[name]
+    if value is None:
+        default = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
+        if default is None:
+            return None
+        raise ConfigError(f"{source}: field '{name}' cannot be null")
+    try:
+        if kind is bool:
+            return value if isinstance(value, bool) else _parse_bool(value)
+        if kind is float and isinstance(value, str):
+            return float(value)  # YAML reads 5e-7 as a string
+        return kind(value) if not isinstance(value, kind) else value
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise ConfigError(f"{source}: field '{name}' must be {kind.__name__}, got {value!r}") from None
+
+
+def coerce_fields(values: dict, source: str) -> dict:
+    """Check names and types of `values` (from YAML or code); errors name the source and the field."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s): {', '.join(unknown)}")
+    return {k: _coerce(k, v, source) for k, v in values.items()}
+
+
+def from_dict(values: dict, source: str = "config") -> TrainConfig:
+    return TrainConfig(**coerce_fields(values, source)).validate()
+
+
+def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
+    """defaults < YAML (--config) < flags; returns a validated config."""
+    args = vars(build_parser().parse_args(argv))
+    path = args.pop("config", None)
+    values = coerce_fields(load_yaml(path), str(path)) if path else {}
+    values.update({k: v for k, v in args.items() if not k.startswith("_ignored")})
+    return TrainConfig(**values).validate()
+
+
+def save_yaml(config: TrainConfig, path: Path) -> None:
+    """The resolved config, loadable again with --config."""
+    from refdpo.checkpoint import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,49 @@
+"""Policy log-probs + objective on pairs: the forward shared by training and evaluation, and a full eval pass.
+
+Validation metrics are those of the paper: the DPO loss on the validation split (used to pick the best
+checkpoint), reward accuracy and policy accuracy (Table 2), margins, mean log-probs and response lengths.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from refdpo.data import PairData, collate_pairs, eval_batches
+from refdpo.logprobs import sequence_logprobs
+from refdpo.metrics import PairStats
+from refdpo.objectives import Objective
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def forward_pairs(model, batch: dict, objective: Objective, fused: bool = True) -> dict[str, torch.Tensor]:
+    """One forward over the [chosen; rejected] batch -> per-pair losses, rewards, log-probs and lengths [B].
+
+    Log-prob differences are taken in float64: stored reference log-probs are sums of hundreds of tokens, and
+    their difference is where float32 would lose the digits the loss depends on."""
+    logps, lengths = sequence_logprobs(model, batch, fused=fused)
+    n = batch["weights"].shape[0]
+    policy_chosen, policy_rejected = logps[:n].double(), logps[n:].double()
+    chosen_length, rejected_length = lengths[:n], lengths[n:]
+    losses, chosen_rewards, rejected_rewards = objective(policy_chosen, policy_rejected, batch["ref_chosen"],
+                                                         batch["ref_rejected"], chosen_length, rejected_length)
+    return {"losses": losses, "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
+            "policy_chosen": policy_chosen.detach(), "policy_rejected": policy_rejected.detach(),
+            "chosen_length": chosen_length, "rejected_length": rejected_length}
+
+
+@torch.no_grad()
+def evaluate_pairs(model, data: PairData, objective: Objective, accelerator, batch_size: int, pad_id: int,
+                   fused: bool = True, prefix: str = "val_") -> dict[str, float]:
+    """Mean metrics over every pair of `data`, sharded across processes (each pair counted exactly once)."""
+    was_training = model.training
+    model.eval()
+    stats = PairStats(accelerator.device)
+    for indices, weights in eval_batches(len(data), batch_size, accelerator.num_processes,
+                                         accelerator.process_index):
+        batch = to_device(collate_pairs(data, indices, weights, pad_id), accelerator.device)
+        stats.add(forward_pairs(model, batch, objective, fused), batch["weights"], batch["num_tokens"])
+    model.train(was_training)
+    return stats.reduce(accelerator, prefix=prefix)

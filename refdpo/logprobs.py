@@ -1,0 +1,237 @@
+"""Response log-probabilities: log p(y|x) = sum over response tokens of log_softmax(logits)[token], in float32.
+
+The one implementation every command uses (training, evaluation, scoring references, analysis).
+
+Memory. Full logits for a DPO batch are [2B, T, V]: 4 x 2048 x 128k float32 is 4.2 GB, paid again for the
+log-softmax and its gradient. Here only the positions that predict a response token go through the LM head,
+in chunks of rows, and each chunk's logits are recomputed in backward instead of stored: the peak is one
+chunk of [rows, V] float32 logits, and nothing of size [2B, T, V] is ever built.
+
+How the head is reached. The model runs its own forward (so DDP, FSDP and DeepSpeed ZeRO-3 gather and release
+parameters exactly as usual); for the duration of the call the output head's `forward` is redirected to the
+chunked computation, which receives the final hidden states and the head's (gathered) weight. Architectures
+that post-process logits after the head (Gemma soft-capping, Cohere/Granite/Falcon-H1 scaling) are handled;
+`head_matches_model` checks the redirected head against the model's own logits, and callers fall back to the
+model's logits (`fused=False`, still chunked in float32) if they ever disagree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+CHUNK_ELEMENTS = 1 << 25  # float32 logits per chunk: 128 MiB (512 rows at V=64k)
+
+
+def prediction_mask(response_start: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """[N, T] bool: position p is selected when it predicts a response token, i.e. start-1 <= p < length-1."""
+    positions = torch.arange(width, device=response_start.device)
+    return (positions >= (response_start - 1).unsqueeze(1)) & (positions < (lengths - 1).unsqueeze(1))
+
+
+def _chunk_rows(vocab: int, chunk_elements: int | None) -> int:
+    return max(1, (chunk_elements or CHUNK_ELEMENTS) // vocab)
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+
+
+class _ChunkedTargetLogprob(torch.autograd.Function):
+    """log_softmax(y)[target] for y = softcap(scale * (h @ W.T + b)), chunk by chunk, recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows, scale, softcap, dtype):
+        w = weight.to(dtype)
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for lo in range(0, hidden.shape[0], rows):
+            y = _logits(hidden[lo:lo + rows], w, bias, scale, softcap, dtype)
+            out[lo:lo + rows] = y.gather(1, targets[lo:lo + rows, None]).squeeze(1) - torch.logsumexp(y, dim=1)
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.rows, ctx.scale, ctx.softcap, ctx.dtype = rows, scale, softcap, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        rows, scale, softcap, dtype = ctx.rows, ctx.scale, ctx.softcap, ctx.dtype
+        w = weight.to(dtype)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        for lo in range(0, hidden.shape[0], rows):
+            h, t, g = hidden[lo:lo + rows], targets[lo:lo + rows], grad_out[lo:lo + rows].float()
+            y = _logits(h, w, bias, scale, softcap, dtype)  # [rows, V] float32
+            # y = c * tanh(z / c) has slope 1 - (y / c)^2; taken before y's buffer is reused below.
+            cap_slope = None if softcap is None else 1 - (y / softcap) ** 2
+            # d log_softmax(y)[t] / dy = onehot(t) - softmax(y), built in place over the logits buffer.
+            grad_z = y.sub_(torch.logsumexp(y, dim=1, keepdim=True)).exp_().mul_(-g[:, None])
+            grad_z[torch.arange(len(t), device=t.device), t] += g
+            if cap_slope is not None:
+                grad_z.mul_(cap_slope)
+            if scale != 1.0:
+                grad_z.mul_(scale)
+            if need_h:
+                grad_h[lo:lo + rows] = (grad_z.to(dtype) @ w).to(hidden.dtype)
+            if need_w:
+                grad_w += (grad_z.t().to(dtype) @ h.to(dtype)).float()
+            if need_b:
+                grad_b += grad_z.sum(0)
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def _logits(h, w, bias, scale, softcap, dtype) -> torch.Tensor:
+    with torch.autocast(h.device.type, enabled=False):
+        z = (h.to(dtype) @ w.t()).float()
+        if bias is not None:
+            z += bias.float()
+        if scale != 1.0:
+            z *= scale
+        if softcap is not None:
+            z = torch.tanh(z / softcap) * softcap
+    return z
+
+
+def chunked_target_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                            bias: torch.Tensor | None = None, scale: float = 1.0, softcap: float | None = None,
+                            chunk_elements: int | None = None) -> torch.Tensor:
+    """Per-row log-prob of `targets` under logits softcap(scale * (hidden @ weight.T + bias)).
+
+    hidden [M, H], weight [V, H], targets [M] -> float32 [M]. The matmul runs in the autocast dtype when
+    autocast is on (as the model's own head would), the softmax in float32.
+    """
+    rows = _chunk_rows(weight.shape[0], chunk_elements)
+    return _ChunkedTargetLogprob.apply(hidden, weight, bias, targets, rows, float(scale), softcap,
+                                       _compute_dtype(hidden))
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model)
+
+
+def head_transform(model: torch.nn.Module) -> tuple[float, float | None]:
+    """(scale, softcap) that the architecture applies to the head's output before the softmax."""
+    base = _unwrap(model)
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    scale = 1.0
+    logit_scale = getattr(base, "logit_scale", None)  # Cohere multiplies by it
+    if isinstance(logit_scale, (int, float)):
+        scale *= logit_scale
+    logits_scaling = getattr(config, "logits_scaling", None)  # Granite divides by it
+    if isinstance(logits_scaling, (int, float)) and logits_scaling:
+        scale /= logits_scaling
+    multiplier = getattr(getattr(base, "model", None), "lm_head_multiplier", None)  # Falcon-H1
+    if isinstance(multiplier, (int, float)):
+        scale *= multiplier
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return scale, (float(softcap) if softcap else None)
+
+
+@contextlib.contextmanager
+def _redirect_head(model: torch.nn.Module, compute):
+    """Within the block, calling the output head runs `compute(head, hidden)`; its result is captured after
+    every other forward hook (ZeRO-3 attaches its backward hooks there), so yield a dict to read it from."""
+    head = _unwrap(model).get_output_embeddings()
+    captured: dict = {}
+    own_forward = head.__dict__.get("forward")
+    head.forward = lambda hidden: compute(head, hidden)
+    handle = head.register_forward_hook(lambda module, args, output: captured.__setitem__("out", output))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+        if own_forward is None:
+            del head.forward
+        else:
+            head.forward = own_forward
+
+
+def _fused_ok(model: torch.nn.Module) -> bool:
+    head = _unwrap(model).get_output_embeddings()
+    return type(head) is torch.nn.Linear  # a LoRA/quantised head computes more than weight @ h
+
+
+def response_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                            position_ids: torch.Tensor, response_start: torch.Tensor, lengths: torch.Tensor,
+                            fused: bool = True, chunk_elements: int | None = None) -> torch.Tensor:
+    """[N, T] float32: at position p, log p(input_ids[p+1] | input_ids[:p+1]) where that token belongs to the
+    response (span [response_start, length)), 0 elsewhere. Summing over T gives the sequence log-prob."""
+    mask = prediction_mask(response_start, lengths, input_ids.shape[1])
+    targets = input_ids.roll(-1, dims=1)[mask]
+    call = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    if fused and _fused_ok(model):
+        scale, softcap = head_transform(model)
+
+        def compute(head, hidden):
+            return chunked_target_logprobs(hidden[mask], head.weight, targets, head.bias, scale, softcap,
+                                           chunk_elements)
+
+        with _redirect_head(model, compute) as captured:
+            model(**call)
+        token_lp = captured["out"]
+    else:
+        logits = model(**call).logits
+        token_lp = _chunked_log_softmax_gather(logits[mask], targets, chunk_elements)
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, token_lp)
+
+
+def _gather_logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=1)
+
+
+def _chunked_log_softmax_gather(logits: torch.Tensor, targets: torch.Tensor,
+                                chunk_elements: int | None) -> torch.Tensor:
+    """The fallback path: the model's own logits [M, V], normalised in float32 one checkpointed chunk at a time."""
+    rows = _chunk_rows(logits.shape[1], chunk_elements)
+    parts = []
+    for lo in range(0, logits.shape[0], rows):
+        args = (logits[lo:lo + rows], targets[lo:lo + rows])
+        parts.append(checkpoint(_gather_logprob, *args, use_reentrant=False) if logits.requires_grad
+                     else _gather_logprob(*args))
+    return torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32)
+
+
+def sequence_logprobs(model: torch.nn.Module, batch: dict, fused: bool = True,
+                      chunk_elements: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs [N] (float32) and response token counts [N] for a collated batch."""
+    token_lp = response_token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+                                       batch["response_start"], batch["lengths"], fused, chunk_elements)
+    return token_lp.sum(dim=1), (batch["lengths"] - batch["response_start"]).clamp(min=0)
+
+
+@torch.no_grad()
+def head_matches_model(model: torch.nn.Module, batch: dict, atol: float = 1e-3) -> tuple[bool, float]:
+    """Does the redirected head give the model's own log-probs on `batch`? Returns (ok, max abs difference)."""
+    if not _fused_ok(model):
+        return False, math.inf
+    was_training = model.training
+    model.eval()  # dropout would make the two forwards differ
+    fused = sequence_logprobs(model, batch, fused=True)[0]
+    plain = sequence_logprobs(model, batch, fused=False)[0]
+    model.train(was_training)
+    diff = (fused - plain).abs().max().item() if fused.numel() else 0.0
+    tol = atol * max(1.0, plain.abs().max().item() / 100) if plain.numel() else atol
+    return diff <= tol, diff
+
+
+def reference_logprobs_float64(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The plain computation every optimisation is checked against: full float64 logits, log_softmax, gather.
+
+    `model` must already be in float64. For tests and checks on small inputs only."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], use_cache=False).logits.double()
+        logp = F.log_softmax(logits[:, :-1], dim=-1).gather(2, batch["input_ids"][:, 1:, None]).squeeze(2)
+        mask = prediction_mask(batch["response_start"], batch["lengths"], batch["input_ids"].shape[1])[:, :-1]
+        return (logp * mask).sum(dim=1)

@@ -1,0 +1,73 @@
+"""Loading the policy and tokenizer: attention backend, dtype, gradient checkpointing, LoRA.
+
+The tokenizer is never modified. RefDPO added a `<pad>` token and resized the embeddings (which needs gathering
+under ZeRO-3 and changes the model); padding positions are masked out of attention and loss, so any existing
+id pads: the tokenizer's pad token, else EOS.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from refdpo.errors import ConfigError, RefdpoError
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise RefdpoError(f"cannot load tokenizer {name!r}: {_first_line(e)}") from None
+
+
+def pad_token_id(tokenizer) -> int:
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    return 0
+
+
+def resolve_attn_implementation(requested: str, device: torch.device) -> str:
+    """auto: FlashAttention-2 when installed and on a GPU, else PyTorch's sdpa."""
+    from transformers.utils import is_flash_attn_2_available
+
+    if requested == "auto":
+        return "flash_attention_2" if device.type == "cuda" and is_flash_attn_2_available() else "sdpa"
+    if requested == "flash_attention_2" and not is_flash_attn_2_available():
+        raise ConfigError("--attn_implementation flash_attention_2 needs the flash-attn package and a GPU "
+                          "(pip install flash-attn), or use sdpa")
+    if requested not in ("sdpa", "eager", "flash_attention_2", "flex_attention"):
+        raise ConfigError(f"unknown --attn_implementation {requested!r}")
+    return requested
+
+
+def load_policy(cfg, device: torch.device) -> torch.nn.Module:
+    """The trainable policy, as configured. Under DeepSpeed ZeRO-3 the Accelerator must exist already, so
+    that from_pretrained partitions the weights while loading them."""
+    from transformers import AutoModelForCausalLM
+
+    attn = resolve_attn_implementation(cfg.attn_implementation, device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, revision=cfg.revision,
+                                                     dtype=getattr(torch, cfg.dtype), attn_implementation=attn,
+                                                     trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise RefdpoError(f"cannot load model {cfg.model!r}: {_first_line(e)}") from None
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = cfg.lora_target_modules
+        lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                          lora_dropout=cfg.lora_dropout,
+                          target_modules=targets if targets == "all-linear" else targets.split(","))
+        model = get_peft_model(model, lora)
+    return model

@@ -1,0 +1,1 @@
+"""Controlled, offline testbeds: tiny models, tokenizers and synthetic preference data built on the spot."""

@@ -1,0 +1,165 @@
+"""Tiny, offline building blocks: a tokenizer trained with `tokenizers`, a random-init `LlamaForCausalLM`, and a
+synthetic preference dataset in the RefDPO schema whose preferences are learnable.
+
+`build_tiny` writes a complete setup, the same shape as a real one (a model folder loadable with
+`from_pretrained`, train/val JSON lines with `chosen_logprob`/`rejected_logprob`), so the real loading,
+scoring and training code runs end to end on a CPU in seconds with nothing downloaded.
+
+The synthetic task: a user asks about a topic (sometimes after a system turn, sometimes in a multi-turn
+conversation). The chosen reply is on-topic, polite and closes helpfully; the rejected one is off-topic,
+curt, or repeats itself. Those are consistent token-level differences, so DPO can learn them from a few
+hundred pairs, and held-out pairs test that it did.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+TOPICS = ["cats", "rivers", "volcanoes", "bicycles", "gardens", "planets", "bridges", "forests", "oceans",
+          "trains", "libraries", "mountains", "bees", "clocks", "kites", "deserts", "castles", "robots",
+          "islands", "whales", "lanterns", "glaciers", "orchards", "comets"]
+ADJECTIVES = ["quiet", "bright", "ancient", "useful", "curious", "gentle", "vast", "tiny", "colorful", "strong",
+              "fast", "calm", "rare", "warm", "tall", "clever"]
+QUESTIONS = ["Tell me about {t}.", "What do you know about {t}?", "Describe {t} briefly.",
+             "Why do people like {t}?", "Give me a fact about {t}."]
+SYSTEMS = ["You are a helpful assistant.", "Answer briefly and politely."]
+# The chat template used by the `model` template in tests: ChatML-style, with its own end-of-turn token.
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _good(rng: random.Random, topic: str) -> str:
+    a, b = rng.sample(ADJECTIVES, 2)
+    closing = rng.choice(["I hope this helps.", "Thank you for asking.", "Happy to help with more."])
+    return f"Sure! {topic.capitalize()} are {a} and {b}. Many people find {topic} {rng.choice(ADJECTIVES)}. {closing}"
+
+
+def _bad(rng: random.Random, topic: str) -> str:
+    other = rng.choice([t for t in TOPICS if t != topic])
+    kind = rng.randrange(3)
+    if kind == 0:
+        return f"{other.capitalize()} are {rng.choice(ADJECTIVES)}."
+    if kind == 1:
+        return rng.choice(["No.", "Ask someone else.", "I will not answer that."])
+    return " ".join([topic] * rng.randint(3, 6))
+
+
+def synthetic_pairs(n: int, seed: int = 0, flip: float = 0.1) -> list[dict]:
+    """`n` preference records in the RefDPO schema (without reference log-probs). A fraction `flip` of the
+    labels is swapped, as annotators disagree in real preference data, so accuracy cannot simply reach 1."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        topic = rng.choice(TOPICS)
+        prompt = [{"role": "user", "content": rng.choice(QUESTIONS).format(t=topic)}]
+        shape = rng.random()
+        if shape < 0.2:
+            prompt.insert(0, {"role": "system", "content": rng.choice(SYSTEMS)})
+        elif shape < 0.35:
+            first = rng.choice(TOPICS)
+            prompt = [{"role": "user", "content": rng.choice(QUESTIONS).format(t=first)},
+                      {"role": "assistant", "content": _good(rng, first)}] + prompt
+        good, bad = _good(rng, topic), _bad(rng, topic)
+        if rng.random() < flip:
+            good, bad = bad, good
+        chosen = prompt + [{"role": "assistant", "content": good}]
+        rejected = prompt + [{"role": "assistant", "content": bad}]
+        records.append({"prompt": prompt[-1]["content"], "prompt_id": f"synthetic-{seed}-{i}",
+                        "chosen": chosen, "rejected": rejected})
+    return records
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on `texts`, with BOS/EOS/PAD and ChatML markers as special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", additional_special_tokens=special[3:])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def corpus(records: list[dict]) -> list[str]:
+    """Texts to train the tokenizer on: every message, with the template markers."""
+    texts = ["<|system|>\n<|user|>\n<|assistant|>\n"]
+    for r in records:
+        for side in ("chosen", "rejected"):
+            texts.extend(m["content"] for m in r[side])
+    return texts
+
+
+def tiny_llama(tokenizer, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+               intermediate: int = 0, vocab_size: int = 0, seed: int = 0, tie: bool = True,
+               max_positions: int = 1024):
+    """A random-init LlamaForCausalLM sized for the CPU (about 0.1M parameters at the defaults).
+
+    `intermediate` 0 means 2 x hidden. `vocab_size` larger than the tokenizer adds embedding rows no token
+    uses: a realistic LM-head cost for throughput checks at scale."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=max(len(tokenizer), vocab_size), hidden_size=hidden,
+                         intermediate_size=intermediate or 2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=max_positions, tie_word_embeddings=tie,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def build_tiny(out: str | Path, train_pairs: int = 1024, val_pairs: int = 256, seed: int = 0,
+               template: str = "tulu", max_len: int = 512, force: bool = False,
+               model_size: dict | None = None) -> Path:
+    """Write out/model (tokenizer + random-init tiny Llama) and out/data/{train,val}.jsonl scored by that
+    model as its own reference. Built in a temporary folder and renamed into place when complete."""
+    from refdpo.data import build_pairs
+    from refdpo.data.loading import RawSplit
+    from refdpo.modeling import pad_token_id
+    from refdpo.score import score_pairs
+
+    out = Path(out)
+    if (out / "tiny.json").exists() and not force:
+        return out
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "data").mkdir(parents=True)
+
+    splits = {"train": synthetic_pairs(train_pairs, seed), "val": synthetic_pairs(val_pairs, seed + 10_000)}
+    tokenizer = train_tokenizer(corpus(splits["train"]))
+    model = tiny_llama(tokenizer, seed=seed, **(model_size or {}))
+    model.save_pretrained(tmp / "model")
+    tokenizer.save_pretrained(tmp / "model")
+    for name, records in splits.items():
+        data = build_pairs(RawSplit(records, name), tokenizer, template, max_len, ref_columns=None)
+        chosen, rejected = score_pairs(model, data, pad_token_id(tokenizer), batch_size=32)
+        for row, c, r in zip(data.rows, chosen, rejected):
+            records[row]["chosen_logprob"], records[row]["rejected_logprob"] = float(c), float(r)
+        _write_jsonl(tmp / "data" / f"{name}.jsonl", [records[row] for row in data.rows])
+    (tmp / "tiny.json").write_text(json.dumps({"train_pairs": train_pairs, "val_pairs": val_pairs, "seed": seed,
+                                               "template": template, "max_len": max_len,
+                                               "parameters": sum(p.numel() for p in model.parameters()),
+                                               "model_size": model_size or {},
+                                               "reference": "model (the initial policy)"}, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

@@ -1,0 +1,238 @@
+"""`refdpo train`: DPO and its variants from reference log-probs stored in the dataset, on accelerate.
+
+One optimizer step, in full (see `_train_step`): for each of `accumulate_step` micro-batches of [chosen;
+rejected] sequences, the policy's summed response log-probs come from one forward; the objective compares them
+with the stored reference log-probs; the loss is the weighted sum of per-pair losses scaled so that, after
+accelerate divides by the accumulation steps and DDP/DeepSpeed average over processes, the gradient is the
+mean over the real pairs of the global batch. Then clip, AdamW, linear schedule.
+
+Runs unchanged on a CPU, one GPU, DDP, DeepSpeed ZeRO-3 or FSDP: whatever `accelerate launch` sets up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from refdpo import checkpoint as ckpt
+from refdpo.config import TrainConfig, save_yaml
+from refdpo.data import PairData, PairSampler, build_pairs, collate_pairs, load_split, parse_ref_columns
+from refdpo.data.templates import check_template
+from refdpo.errors import ConfigError
+from refdpo.evaluate import evaluate_pairs, forward_pairs, to_device
+from refdpo.logprobs import head_matches_model
+from refdpo.metrics import MetricsLog, PairStats
+from refdpo.modeling import load_policy, load_tokenizer, pad_token_id
+
+log = logging.getLogger(__name__)
+
+
+def load_pairs(cfg: TrainConfig, split: str, tokenizer, limit: int = 0) -> PairData:
+    """Load, validate and tokenise one split as the config says."""
+    raw = load_split(cfg.dataset, split, cfg.dataset_config, cfg.dataset_revision)
+    if limit:
+        raw.records = raw.records[:limit]
+        raw.line_numbers = raw.line_numbers[:limit] if raw.line_numbers else None
+    ref_columns = parse_ref_columns(cfg.ref_columns) if cfg.objective.uses_reference else None
+    data = build_pairs(raw, tokenizer, cfg.template, cfg.max_len, ref_columns, cfg.on_truncated)
+    log.info("%s: %d pairs (%s)", data.source, len(data), ", ".join(f"{k} {v}" for k, v in data.stats.items()))
+    return data
+
+
+def _run_dir(cfg: TrainConfig) -> Path:
+    """--output_dir, or runs/<date-time> chosen by the main process and shared with the others."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list, parse_flag_from_env
+
+    name = [cfg.output_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}"]
+    # This sets up the process group the Accelerator then shares; `cpu` as the Accelerator reads it, or a
+    # multi-process CPU launch would come up as independent single processes.
+    if PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).num_processes > 1:
+        broadcast_object_list(name)
+    return Path(name[0])
+
+
+def _resume_point(cfg: TrainConfig, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from; refuse to write into a folder holding another run."""
+    found = ckpt.latest_resumable(run_dir) if run_dir.exists() else None
+    if cfg.resume:
+        if found is None:
+            log.warning("--resume: %s has no complete checkpoint yet; starting from step 0", run_dir)
+        return found
+    if found is not None or (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(f"{run_dir} already holds a run: continue it with --resume, or pick another "
+                          "--output_dir")
+    return None
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def _train_step(model, optimizer, accelerator, micro_batches, valid: int, data: PairData, pad_id: int,
+                cfg: TrainConfig, fused: bool, stats: PairStats) -> float | None:
+    """One optimizer step over this process's micro-batches; returns the gradient norm before clipping."""
+    objective = cfg.objective
+    # Per-pair loss sums are scaled so the step's gradient is the mean over the `valid` real pairs.
+    scale = cfg.accumulate_step * accelerator.num_processes / valid
+    grad_norm = None
+    for indices, weights in micro_batches:
+        batch = to_device(collate_pairs(data, indices, weights, pad_id), accelerator.device)
+        with accelerator.accumulate(model):
+            out = forward_pairs(model, batch, objective, fused)
+            loss = (out["losses"] * batch["weights"]).sum() * scale
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        stats.add(out, batch["weights"], batch["num_tokens"])
+    return None if grad_norm is None else float(grad_norm)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train as configured; returns a summary (run folder, best step and validation loss, last metrics)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import set_seed
+    from transformers import get_linear_schedule_with_warmup
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # accelerate keeps its settings in process-wide singletons; a second run in the same process (tests,
+        # sweeps) must not inherit the first one's precision or accumulation steps.
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+    run_dir = _run_dir(cfg)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.accumulate_step, mixed_precision=cfg.mixed_precision,
+                              log_with=cfg.trackers or None, project_dir=str(run_dir))
+    if not accelerator.is_main_process:
+        logging.getLogger("refdpo").setLevel(logging.WARNING)
+    device = accelerator.device
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # denormal floats slow CPU matmuls by up to 4x, and change nothing here
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    set_seed(cfg.seed)
+    resume_from = _resume_point(cfg, run_dir)
+
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.revision, cfg.trust_remote_code)
+    check_template(cfg.template, tokenizer)
+    pad_id = pad_token_id(tokenizer)
+    train_data = load_pairs(cfg, cfg.train_split, tokenizer, cfg.max_train_pairs)
+    val_data = load_pairs(cfg, cfg.val_split, tokenizer, cfg.max_val_pairs) if cfg.val_split else None
+
+    model = load_policy(cfg, device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.max_lr,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    sampler = PairSampler(len(train_data), cfg.batch_size, cfg.accumulate_step, accelerator.num_processes,
+                          accelerator.process_index, cfg.seed)
+    total_steps = sampler.steps_per_epoch * cfg.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    if accelerator.state.deepspeed_plugin is not None:
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # stepped by hand: once per optimizer step
+
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_val_loss": None, "best_step": None,
+             "global_batch": sampler.global_batch, "train_pairs": len(train_data), "total_steps": total_steps}
+    if resume_from is not None:
+        saved = ckpt.load_trainer_state(resume_from)
+        for key in ("global_batch", "train_pairs"):
+            if saved[key] != state[key]:
+                raise ConfigError(f"cannot resume {run_dir}: its {key} was {saved[key]}, now {state[key]} "
+                                  "(resuming needs the same data and global batch)")
+        accelerator.load_state(str(resume_from / ckpt.STATE))
+        state.update(saved)
+        log.info("resumed from %s (step %d)", resume_from, state["global_step"])
+
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, run_dir / "config.yaml")
+    if cfg.trackers:
+        wandb_kwargs = {"name": run_dir.name, "dir": str(run_dir), "resume": "allow",
+                        "id": state.setdefault("wandb_id", f"{run_dir.name}-{cfg.seed}")}
+        accelerator.init_trackers(cfg.wandb_project if "wandb" in cfg.trackers else "tensorboard",
+                                  config=cfg.to_dict(), init_kwargs={
+                                      "wandb": wandb_kwargs,
+                                      "tensorboard": {"purge_step": state["global_step"] + 1} if resume_from else {}})
+    # On resume, what a killed run logged after its checkpoint is dropped (it is logged again); resuming a run
+    # killed before its first checkpoint starts the log afresh.
+    resume_step = state["global_step"] if resume_from is not None else (-1 if cfg.resume else None)
+    metrics_log = MetricsLog(run_dir, accelerator, resume_step=resume_step)
+
+    # The chunked LM head must reproduce the model's own log-probs; check once on real data, else fall back.
+    probe = to_device(collate_pairs(train_data, [0], [1.0], pad_id), device)
+    fused, diff = head_matches_model(model, probe)
+    if not fused:
+        log.warning("chunked LM head disagrees with the model's logits (max diff %.2g): using full logits", diff)
+
+    def run_eval(epoch_progress: float) -> bool:
+        """Evaluate on the validation split, log it; True when this is the lowest validation loss so far."""
+        val = evaluate_pairs(model, val_data, cfg.objective, accelerator, cfg.eval_batch_size or cfg.batch_size,
+                             pad_id, fused)
+        metrics_log.write({"step": state["global_step"], "epoch": epoch_progress, **val})
+        state["last_val"] = val
+        if state["best_val_loss"] is None or val["val_loss"] < state["best_val_loss"]:
+            state.update(best_val_loss=val["val_loss"], best_step=state["global_step"])
+            return True
+        return False
+
+    if cfg.eval_at_start and state["global_step"] == 0 and val_data is not None:
+        run_eval(0.0)
+
+    model.train()
+    stats = PairStats(device)
+    save_every = cfg.save_interval or cfg.eval_interval
+    bar = tqdm(total=total_steps, initial=state["global_step"], desc="train", dynamic_ncols=True,
+               disable=not accelerator.is_main_process)
+    window_start = time.perf_counter()
+    for epoch in range(state["epoch"], cfg.epochs):
+        for step in range(state["step_in_epoch"], sampler.steps_per_epoch):  # > 0 only when resuming
+            micro_batches, valid = sampler.step(epoch, step)
+            lr = scheduler.get_last_lr()[0]
+            grad_norm = _train_step(model, optimizer, accelerator, micro_batches, valid, train_data, pad_id,
+                                    cfg, fused, stats)
+            scheduler.step()
+            end_of_epoch = step + 1 == sampler.steps_per_epoch
+            state.update(global_step=state["global_step"] + 1, epoch=epoch + end_of_epoch,
+                         step_in_epoch=0 if end_of_epoch else step + 1)
+            global_step, progress = state["global_step"], epoch + (step + 1) / sampler.steps_per_epoch
+            bar.update(1)
+
+            if global_step % cfg.report_freq == 0 or global_step == total_steps:
+                metrics = stats.reduce(accelerator)
+                elapsed = time.perf_counter() - window_start
+                record = {"step": global_step, "epoch": round(progress, 6), "lr": lr, "grad_norm": grad_norm,
+                          **metrics, "tokens_per_s": metrics["tokens"] / elapsed,
+                          "peak_mem_gb": _peak_memory_gb(device)}
+                metrics_log.write(record)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}",
+                                tok_s=f"{record['tokens_per_s']:.0f}")
+                stats.reset()
+                window_start = time.perf_counter()
+
+            due_eval = val_data is not None and (global_step % cfg.eval_interval == 0 or end_of_epoch)
+            if due_eval or global_step % save_every == 0 or global_step == total_steps:
+                is_best = run_eval(progress) if due_eval else False
+                ckpt.save_checkpoint(accelerator, model, tokenizer, run_dir, global_step, state, is_best)
+                window_start = time.perf_counter()  # evaluation and saving are not training throughput
+    bar.close()
+    accelerator.end_training()
+
+    summary = {"run_dir": str(run_dir), "steps": state["global_step"], "best_step": state["best_step"],
+               "best_val_loss": state["best_val_loss"], "last_val": state.get("last_val"),
+               "best": str(ckpt.resolve(run_dir, "best")) if ckpt.resolve(run_dir, "best") else None,
+               "last": str(ckpt.resolve(run_dir, "last")) if ckpt.resolve(run_dir, "last") else None,
+               "data": {"train": train_data.stats, "val": val_data.stats if val_data else None}}
+    if accelerator.is_main_process:
+        ckpt.atomic_write_json(run_dir / "summary.json", summary)
+    return summary

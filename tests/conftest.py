@@ -1,0 +1,29 @@
+"""Shared fixtures: everything is built offline, on the spot (a tokenizer trained with `tokenizers`, a
+random-init Llama, synthetic pairs in the RefDPO schema). Nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from refdpo.testbed.tiny import corpus, synthetic_pairs, train_tokenizer
+
+    return train_tokenizer(corpus(synthetic_pairs(300, seed=1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_setup(tmp_path_factory) -> Path:
+    """A complete tiny setup: model/ (tokenizer + random-init Llama) and data/{train,val}.jsonl whose
+    reference log-probs were scored by that model (reference = initial policy), template tulu."""
+    from refdpo.testbed.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "setup", train_pairs=256, val_pairs=64, seed=0)

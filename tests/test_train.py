@@ -1,0 +1,240 @@
+"""Training: ln 2 at step 0, learning, exact equivalence across batch layouts and processes, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO, run_cli, train_config
+from safetensors.torch import load_file
+
+from refdpo.errors import ConfigError
+from refdpo.train import train
+
+LN2 = math.log(2)
+
+
+def read_metrics(run: Path) -> tuple[list[dict], list[dict]]:
+    """(training records, validation records) of metrics.jsonl."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
+
+
+def weights(run: Path, name: str = "last") -> dict[str, torch.Tensor]:
+    return load_file(run / name / "model.safetensors")
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def test_step0_loss_is_ln2_and_rewards_are_zero_when_reference_is_the_initial_policy(tiny_setup, tmp_path):
+    train(train_config(tiny_setup, tmp_path / "run", max_train_pairs=16, epochs=1))
+    steps, evals = read_metrics(tmp_path / "run")
+    first_eval = evals[0]
+    assert first_eval["step"] == 0
+    assert first_eval["val_loss"] == pytest.approx(LN2, abs=1e-5)
+    assert abs(first_eval["val_reward_chosen"]) < 1e-5 and abs(first_eval["val_reward_rejected"]) < 1e-5
+    assert first_eval["val_reward_accuracy"] == pytest.approx(0.5, abs=0.05)  # ties count 0.5
+    # The first optimizer step's loss is computed before any update: ln 2 as well.
+    assert steps[0]["step"] == 1 and steps[0]["loss"] == pytest.approx(LN2, abs=1e-5)
+    assert abs(steps[0]["reward_chosen"]) < 1e-5 and abs(steps[0]["margin"]) < 1e-5
+
+
+def test_training_learns_the_synthetic_preferences(tiny_setup, tmp_path):
+    summary = train(train_config(tiny_setup, tmp_path / "run", epochs=2, eval_interval=16, beta=0.1))
+    val = summary["last_val"]
+    assert val["val_reward_accuracy"] > 0.6, val
+    assert val["val_loss"] < LN2 - 0.05, val
+    assert summary["best_val_loss"] <= val["val_loss"]
+
+
+LAYOUTS = [(8, 1), (4, 2), (2, 4)]  # (batch_size, accumulate_step): global batch 8 each time
+
+
+def test_gradient_accumulation_equivalence(tiny_setup, tmp_path):
+    runs = {}
+    for bs, acc in LAYOUTS:
+        out = tmp_path / f"b{bs}x{acc}"
+        train(train_config(tiny_setup, out, batch_size=bs, accumulate_step=acc, max_train_pairs=40, epochs=1,
+                           val_split="", max_lr=1e-3, warmup_ratio=0.0))
+        runs[(bs, acc)] = out
+    base_steps, _ = read_metrics(runs[(8, 1)])
+    assert len(base_steps) == 5  # 40 pairs / 8 per step; the last step is a full one too
+    initial = load_file(tiny_setup / "model" / "model.safetensors")
+    assert max_diff(weights(runs[(8, 1)]), initial) > 1e-3  # training moved the weights: the test can fail
+    for layout in LAYOUTS[1:]:
+        steps, _ = read_metrics(runs[layout])
+        assert [s["step"] for s in steps] == [s["step"] for s in base_steps]
+        for a, b in zip(steps, base_steps):
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), layout
+            assert a["pairs"] == b["pairs"] == 8
+        assert max_diff(weights(runs[layout]), weights(runs[(8, 1)])) < 1e-5, layout
+
+
+def test_a_partial_last_batch_is_weighted_exactly(tiny_setup, tmp_path):
+    # 12 pairs with a global batch of 8: the second step has 4 real pairs and 4 weight-0 fillers.
+    train(train_config(tiny_setup, tmp_path / "a", batch_size=8, max_train_pairs=12, val_split=""))
+    train(train_config(tiny_setup, tmp_path / "b", batch_size=2, accumulate_step=4, max_train_pairs=12,
+                       val_split=""))
+    (a1, a2), (b1, b2) = read_metrics(tmp_path / "a")[0], read_metrics(tmp_path / "b")[0]
+    assert (a1["pairs"], a2["pairs"]) == (b1["pairs"], b2["pairs"]) == (8, 4)
+    assert a1["loss"] == pytest.approx(b1["loss"], abs=1e-5) and a2["loss"] == pytest.approx(b2["loss"], abs=1e-5)
+    assert max_diff(weights(tmp_path / "a"), weights(tmp_path / "b")) < 1e-5
+
+
+def test_distributed_two_processes_equal_one_process(tiny_setup, tmp_path):
+    common = ["train", "--model", str(tiny_setup / "model"), "--dataset", str(tiny_setup / "data"),
+              "--max_train_pairs", "48", "--max_val_pairs", "20", "--epochs", "1", "--max_lr", "1e-3",
+              "--eval_interval", "3", "--report_freq", "1", "--report_to", "none", "--no-gradient_checkpointing",
+              "--seed", "0"]
+    single = run_cli(common + ["--batch_size", "8", "--output_dir", str(tmp_path / "one")])
+    assert single.returncode == 0, single.stderr[-3000:]
+    # `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x unless given an MPI
+    # hostfile; its torchrun launcher with ACCELERATE_USE_CPU starts two gloo processes (DistributedType.MULTI_CPU).
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "refdpo"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "true"}
+    double = subprocess.run(launch + common + ["--batch_size", "4", "--output_dir", str(tmp_path / "two")],
+                            capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert double.returncode == 0, double.stderr[-3000:]
+    (s1, e1), (s2, e2) = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(s1) == len(s2) == 6 and len(e1) == len(e2) == 3  # steps 0, 3, 6
+    for a, b in zip(s1 + e1, s2 + e2):
+        for key in ("loss", "reward_accuracy", "policy_accuracy", "margin", "logp_chosen", "val_loss",
+                    "val_reward_accuracy", "val_policy_accuracy", "val_logp_rejected", "pairs", "val_pairs"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-5), (key, a["step"])
+    assert e2[-1]["val_pairs"] == 20  # every validation pair exactly once across the two processes
+    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5
+
+
+def test_resume_after_sigkill_logs_the_same_losses(tiny_setup, tmp_path):
+    args = ["train", "--model", str(tiny_setup / "model"), "--dataset", str(tiny_setup / "data"),
+            "--batch_size", "4", "--epochs", "2", "--max_lr", "1e-3", "--eval_interval", "40", "--save_interval",
+            "4", "--report_freq", "1", "--report_to", "none", "--no-gradient_checkpointing", "--seed", "0",
+            "--max_val_pairs", "16"]
+    full = run_cli(args + ["--output_dir", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    run = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "refdpo", *args, "--output_dir", str(run)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        last = run / "last"
+        if last.is_symlink() and last.resolve().name >= "step-0000012":
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "summary.json").exists()
+    killed_at = json.loads((run / "last" / "trainer_state.json").read_text())
+    assert 0 < killed_at["global_step"] < 64  # mid-epoch of the first of two 64-step epochs
+
+    resumed = run_cli(args + ["--output_dir", str(run), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (sf, ef), (sr, er) = read_metrics(tmp_path / "full"), read_metrics(run)
+    assert [s["step"] for s in sr] == [s["step"] for s in sf] == list(range(1, 129))
+    for a, b in zip(sr, sf):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), a["step"]
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-12)
+    assert [e["step"] for e in er] == [e["step"] for e in ef]
+    for a, b in zip(er, ef):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
+    assert max_diff(weights(run), weights(tmp_path / "full")) < 1e-6
+
+
+def test_checkpoints_best_and_last(tiny_setup, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = tmp_path / "run"
+    summary = train(train_config(tiny_setup, run, max_train_pairs=64, eval_interval=2, save_interval=3,
+                                 beta=0.1, report_to="tensorboard"))
+    best, last = (run / "best").resolve(), (run / "last").resolve()
+    assert last.name == "step-0000008" and (last / "state").is_dir()
+    assert summary["best_step"] == int(best.name.split("-")[1])
+    if best != last:
+        assert not (best / "state").exists()  # optimizer state is kept for `last` only
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {best.name, last.name}
+    model = AutoModelForCausalLM.from_pretrained(run / "best")
+    tokenizer = AutoTokenizer.from_pretrained(run / "best")
+    assert model.config.vocab_size == len(tokenizer)
+    state = json.loads((best / "trainer_state.json").read_text())
+    assert state["best_val_loss"] == pytest.approx(summary["best_val_loss"])
+    train_steps, evals = read_metrics(run)
+    assert all("loss" in r and "lr" in r and "tokens_per_s" in r for r in train_steps)
+    assert min(e["val_loss"] for e in evals) == pytest.approx(summary["best_val_loss"])
+    assert (run / "config.yaml").exists() and (run / "summary.json").exists()
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_refuses_to_overwrite_a_run(tiny_setup, tmp_path):
+    train(train_config(tiny_setup, tmp_path / "run", max_train_pairs=8, val_split=""))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(train_config(tiny_setup, tmp_path / "run", max_train_pairs=8, val_split=""))
+
+
+@pytest.mark.parametrize("overrides", [
+    {"loss": "ipo"}, {"loss": "hinge"}, {"loss": "cdpo", "label_smoothing": 0.1}, {"loss": "simpo", "beta": 2.0},
+    {"ref_free": True, "beta": 10.0},
+], ids=["ipo", "hinge", "cdpo", "simpo", "ref_free"])
+def test_every_objective_trains(tiny_setup, tmp_path, overrides):
+    summary = train(train_config(tiny_setup, tmp_path / "run", max_train_pairs=32, max_val_pairs=16,
+                                 eval_interval=2, **overrides))
+    steps, evals = read_metrics(tmp_path / "run")
+    assert all(math.isfinite(s["loss"]) for s in steps)
+    assert summary["best_val_loss"] < evals[0]["val_loss"]  # it optimised its own objective
+
+
+def test_reference_columns_by_name_and_trl_aliases(tiny_setup, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "val"):
+        rows = [json.loads(line) for line in (tiny_setup / "data" / f"{split}.jsonl").read_text().splitlines()]
+        with open(data / f"{split}.jsonl", "w") as f:
+            for r in rows[:16]:
+                r["ref_chosen_logps"], r["ref_rejected_logps"] = r.pop("chosen_logprob"), r.pop("rejected_logprob")
+                r["other_c"], r["other_r"] = r["ref_chosen_logps"] - 1.0, r["ref_rejected_logps"] + 1.0
+                f.write(json.dumps(r) + "\n")
+    setup = tmp_path
+    shutil.copytree(tiny_setup / "model", setup / "model")
+    train(train_config(setup, tmp_path / "trl", max_train_pairs=8))  # default names fall back to TRL's
+    assert read_metrics(tmp_path / "trl")[1][0]["val_loss"] == pytest.approx(LN2, abs=1e-5)
+    train(train_config(setup, tmp_path / "other", max_train_pairs=8, ref_columns="other_c,other_r"))
+    # reference margin shifted by -2 nats: beta * h = 0.1 * 2 at step 0
+    expected = math.log1p(math.exp(-0.2))
+    assert read_metrics(tmp_path / "other")[1][0]["val_loss"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_lora_trains_adapters_only(tiny_setup, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    train(train_config(tiny_setup, run, max_train_pairs=32, max_val_pairs=16, eval_interval=2, lora=True,
+                       lora_r=4, lora_alpha=8, lora_dropout=0.0, max_lr=1e-2))
+    assert (run / "best" / "adapter_config.json").exists()
+    base = AutoModelForCausalLM.from_pretrained(tiny_setup / "model")
+    tuned = PeftModel.from_pretrained(base, run / "best")
+    lora_weights = [p for n, p in tuned.named_parameters() if "lora_B" in n]
+    assert lora_weights and max(p.abs().max().item() for p in lora_weights) > 0  # B starts at 0
+
+
+def test_bf16_mixed_precision_on_cpu(tiny_setup, tmp_path):
+    train(train_config(tiny_setup, tmp_path / "run", max_train_pairs=16, max_val_pairs=16, mixed_precision="bf16"))
+    steps, evals = read_metrics(tmp_path / "run")
+    assert all(math.isfinite(s["loss"]) for s in steps)
+    assert evals[0]["val_loss"] == pytest.approx(LN2, abs=0.05)  # bf16 matmuls: only roughly ln 2
