@@ -21,11 +21,11 @@ def to_device(batch: dict, device: torch.device) -> dict:
 def forward_pairs(model, batch: dict, objective: Objective, fused: bool = True) -> dict[str, torch.Tensor]:
     """One forward over the [chosen; rejected] batch -> per-pair losses, rewards, log-probs and lengths [B].
 
-    Log-prob differences are taken in float64: stored reference log-probs are sums of hundreds of tokens, and
-    their difference is where float32 would lose the digits the loss depends on."""
+    Everything after the token log-probs is float64: sequence log-probs are sums of up to thousands of nats,
+    and the loss depends on small differences between them and the stored reference's."""
     logps, lengths = sequence_logprobs(model, batch, fused=fused)
     n = batch["weights"].shape[0]
-    policy_chosen, policy_rejected = logps[:n].double(), logps[n:].double()
+    policy_chosen, policy_rejected = logps[:n], logps[n:]
     chosen_length, rejected_length = lengths[:n], lengths[n:]
     losses, chosen_rewards, rejected_rewards = objective(policy_chosen, policy_rejected, batch["ref_chosen"],
                                                          batch["ref_rejected"], chosen_length, rejected_length)
@@ -40,7 +40,7 @@ def evaluate_pairs(model, data: PairData, objective: Objective, accelerator, bat
     """Mean metrics over every pair of `data`, sharded across processes (each pair counted exactly once)."""
     was_training = model.training
     model.eval()
-    stats = PairStats(accelerator.device)
+    stats = PairStats(accelerator.device, objective.beta)
     for indices, weights in eval_batches(len(data), batch_size, accelerator.num_processes,
                                          accelerator.process_index):
         batch = to_device(collate_pairs(data, indices, weights, pad_id), accelerator.device)

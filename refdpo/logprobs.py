@@ -1,4 +1,7 @@
-"""Response log-probabilities: log p(y|x) = sum over response tokens of log_softmax(logits)[token], in float32.
+"""Response log-probabilities: log p(y|x) = sum over response tokens of log_softmax(logits)[token].
+
+Token log-probs are computed in float32 and summed in float64: a 2,000-token reply sums to thousands of nats,
+where float32 can only resolve about 2e-4, more than the 1e-4 nats the sums must agree with float64 to.
 
 The one implementation every command uses (training, evaluation, scoring references, analysis).
 
@@ -204,10 +207,10 @@ def _chunked_log_softmax_gather(logits: torch.Tensor, targets: torch.Tensor,
 
 def sequence_logprobs(model: torch.nn.Module, batch: dict, fused: bool = True,
                       chunk_elements: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs [N] (float32) and response token counts [N] for a collated batch."""
+    """Summed response log-probs [N] (float64 sums of float32 token log-probs) and response token counts [N]."""
     token_lp = response_token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
                                        batch["response_start"], batch["lengths"], fused, chunk_elements)
-    return token_lp.sum(dim=1), (batch["lengths"] - batch["response_start"]).clamp(min=0)
+    return token_lp.sum(dim=1, dtype=torch.float64), (batch["lengths"] - batch["response_start"]).clamp(min=0)
 
 
 @torch.no_grad()

@@ -2,7 +2,9 @@
 
 Per pair: loss, reward accuracy (r(y_w) > r(y_l)), policy accuracy (log pi(y_w) > log pi(y_l), the paper's
 Table 2), margin, rewards, summed log-probs and response lengths. Ties count 0.5: with no training (beta = inf,
-or the reference itself) every reward is 0 and reward accuracy is the paper's 0.500.
+or the reference itself) every reward is 0 and reward accuracy is the paper's 0.500. Two log-probs closer than
+TIE_NATS (the numerical tolerance log-probs are computed to; beta x TIE_NATS for rewards) are a tie: finer
+differences are rounding, whose sign changes with how a pair was batched.
 Metrics are weighted sums kept on the device (no host sync per micro-batch), summed across processes once
 per report and divided by the number of real (weight-1) pairs, so a logged value is the mean over every pair
 the window saw, never a mean of per-micro-batch means.
@@ -15,25 +17,32 @@ from pathlib import Path
 
 import torch
 
+TIE_NATS = 1e-4
 PAIR_METRICS = ("loss", "reward_accuracy", "policy_accuracy", "margin", "reward_chosen", "reward_rejected",
                 "logp_chosen", "logp_rejected", "length_chosen", "length_rejected")
 
 
-def _wins(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a > b).double() + 0.5 * (a == b).double()
+def _wins(a: torch.Tensor, b: torch.Tensor, tie: float) -> torch.Tensor:
+    """1 where a > b, 0.5 where they are within `tie` of each other, else 0."""
+    tied = (a - b).abs() <= tie
+    return torch.where(tied, 0.5, (a > b).double())
 
 
 class PairStats:
-    """Weighted sums of the per-pair metrics (plus pair and token counts) on one process."""
+    """Weighted sums of the per-pair metrics (plus pair and token counts) on one process.
 
-    def __init__(self, device: torch.device | str = "cpu"):
+    `beta` scales the tie tolerance of reward comparisons (rewards are beta x log-prob differences)."""
+
+    def __init__(self, device: torch.device | str = "cpu", beta: float = 1.0):
         self.device = torch.device(device)
+        self.reward_tie = beta * TIE_NATS
         self.sums = torch.zeros(len(PAIR_METRICS) + 2, dtype=torch.float64, device=self.device)
 
     def add(self, out: dict[str, torch.Tensor], weights: torch.Tensor, num_tokens: torch.Tensor | int) -> None:
         cr, rr = out["chosen_rewards"].double(), out["rejected_rewards"].double()
         pc, pr = out["policy_chosen"].double(), out["policy_rejected"].double()
-        per_pair = torch.stack([out["losses"].detach().double(), _wins(cr, rr), _wins(pc, pr), cr - rr, cr, rr,
+        per_pair = torch.stack([out["losses"].detach().double(), _wins(cr, rr, self.reward_tie),
+                                _wins(pc, pr, TIE_NATS), cr - rr, cr, rr,
                                 pc, pr, out["chosen_length"].double(), out["rejected_length"].double()], dim=1)
         w = weights.double()
         self.sums[:-2] += (per_pair * w[:, None]).sum(dim=0)

@@ -11,6 +11,7 @@ Runs unchanged on a CPU, one GPU, DDP, DeepSpeed ZeRO-3 or FSDP: whatever `accel
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import resource
@@ -79,8 +80,9 @@ def _peak_memory_gb(device: torch.device) -> float:
 
 
 def _train_step(model, optimizer, accelerator, micro_batches, valid: int, data: PairData, pad_id: int,
-                cfg: TrainConfig, fused: bool, stats: PairStats) -> float | None:
-    """One optimizer step over this process's micro-batches; returns the gradient norm before clipping."""
+                cfg: TrainConfig, fused: bool, stats: PairStats) -> torch.Tensor | None:
+    """One optimizer step over this process's micro-batches; returns the gradient norm before clipping (a
+    tensor: reading it would wait for the GPU, so that happens only when a report is written)."""
     objective = cfg.objective
     # Per-pair loss sums are scaled so the step's gradient is the mean over the `valid` real pairs.
     scale = cfg.accumulate_step * accelerator.num_processes / valid
@@ -96,7 +98,7 @@ def _train_step(model, optimizer, accelerator, micro_batches, valid: int, data: 
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         stats.add(out, batch["weights"], batch["num_tokens"])
-    return None if grad_norm is None else float(grad_norm)
+    return grad_norm
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -106,6 +108,8 @@ def train(cfg: TrainConfig) -> dict:
     from accelerate.utils import set_seed
     from transformers import get_linear_schedule_with_warmup
 
+    if "wandb" in cfg.trackers and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("--report_to wandb needs the wandb package: pip install 'refdpo[wandb]'")
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # accelerate keeps its settings in process-wide singletons; a second run in the same process (tests,
         # sweeps) must not inherit the first one's precision or accumulation steps.
@@ -190,7 +194,7 @@ def train(cfg: TrainConfig) -> dict:
         run_eval(0.0)
 
     model.train()
-    stats = PairStats(device)
+    stats = PairStats(device, cfg.beta)
     save_every = cfg.save_interval or cfg.eval_interval
     bar = tqdm(total=total_steps, initial=state["global_step"], desc="train", dynamic_ncols=True,
                disable=not accelerator.is_main_process)
@@ -211,7 +215,8 @@ def train(cfg: TrainConfig) -> dict:
             if global_step % cfg.report_freq == 0 or global_step == total_steps:
                 metrics = stats.reduce(accelerator)
                 elapsed = time.perf_counter() - window_start
-                record = {"step": global_step, "epoch": round(progress, 6), "lr": lr, "grad_norm": grad_norm,
+                record = {"step": global_step, "epoch": round(progress, 6), "lr": lr,
+                          "grad_norm": None if grad_norm is None else float(grad_norm),
                           **metrics, "tokens_per_s": metrics["tokens"] / elapsed,
                           "peak_mem_gb": _peak_memory_gb(device)}
                 metrics_log.write(record)
