@@ -21,6 +21,7 @@ model's logits (`fused=False`, still chunked in float32) if they ever disagree.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 
 import torch
@@ -181,6 +182,9 @@ def response_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, att
 
         with _redirect_head(model, compute) as captured:
             model(**call)
+        if "out" not in captured:
+            raise RuntimeError(f"{type(_unwrap(model)).__name__}'s forward never called its output embeddings; "
+                               "use fused=False")
         token_lp = captured["out"]
     else:
         logits = model(**call).logits
@@ -215,14 +219,20 @@ def sequence_logprobs(model: torch.nn.Module, batch: dict, fused: bool = True,
 
 @torch.no_grad()
 def head_matches_model(model: torch.nn.Module, batch: dict, atol: float = 1e-3) -> tuple[bool, float]:
-    """Does the redirected head give the model's own log-probs on `batch`? Returns (ok, max abs difference)."""
+    """Does the redirected head give the model's own log-probs on `batch`? Returns (ok, max abs difference);
+    an architecture the redirection cannot handle at all is (False, inf), with the reason logged."""
     if not _fused_ok(model):
         return False, math.inf
     was_training = model.training
     model.eval()  # dropout would make the two forwards differ
-    fused = sequence_logprobs(model, batch, fused=True)[0]
     plain = sequence_logprobs(model, batch, fused=False)[0]
-    model.train(was_training)
+    try:
+        fused = sequence_logprobs(model, batch, fused=True)[0]
+    except Exception as e:  # any failure of the redirection means: use the model's own logits
+        logging.getLogger(__name__).warning("chunked LM head unusable for this model: %s", e)
+        return False, math.inf
+    finally:
+        model.train(was_training)
     diff = (fused - plain).abs().max().item() if fused.numel() else 0.0
     tol = atol * max(1.0, plain.abs().max().item() / 100) if plain.numel() else atol
     return diff <= tol, diff

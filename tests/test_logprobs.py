@@ -466,3 +466,30 @@ def test_fused_path_saves_no_full_logits():
     # For contrast only (not asserted): the own-logits path, where the model builds [N, T, V] logits.
     own_shapes, _ = _saved_shapes(lambda: sequence_logprobs(model, batch, fused=False))
     print("own-logits path, [N, T, V]-sized saved tensors:", _logits_sized(own_shapes, n, t, v))
+
+
+# ------------------------------------------------------------------- 10. architectures the head cannot serve
+
+
+def test_a_model_that_never_calls_its_head_falls_back_to_its_own_logits():
+    """A forward computing logits without calling `get_output_embeddings()` (as some custom code does): the
+    redirection is never reached, so the start-up probe reports it and the model's own logits are used."""
+    from refdpo.logprobs import head_matches_model
+
+    model = llama(seed=3)
+
+    class OwnHead(type(model)):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, use_cache=None, **kw):
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                use_cache=use_cache).last_hidden_state
+            return type("Out", (), {"logits": torch.nn.functional.linear(hidden, self.lm_head.weight)})()
+
+    model.__class__ = OwnHead
+    batch = make_batch([40, 30], [10, 5], seed=4)
+    with pytest.raises(RuntimeError, match="never called its output embeddings"), torch.no_grad():
+        sequence_logprobs(model, batch, fused=True)
+    ok, diff = head_matches_model(model, batch)
+    assert not ok and diff == float("inf")
+    with torch.no_grad():
+        ref = reference_logprobs_float64(copy.deepcopy(model).double(), batch)
+        assert (sequence_logprobs(model, batch, fused=False)[0] - ref).abs().max().item() <= SEQ_TOL_F64
