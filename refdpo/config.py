@@ -214,8 +214,10 @@ def _coerce(name: str, value: object, source: str) -> object:
     try:
         if kind is bool:
             return value if isinstance(value, bool) else _parse_bool(value)
+        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise TypeError(value)  # no silent True -> 1 or 2.5 -> 2
         if kind is float and isinstance(value, str):
-            return float(value)  # YAML reads 5e-7 as a string
+            return float(value)  # YAML reads 5e-7 (no dot) as a string
         return kind(value) if not isinstance(value, kind) else value
     except (TypeError, ValueError, argparse.ArgumentTypeError):
         raise ConfigError(f"{source}: field '{name}' must be {kind.__name__}, got {value!r}") from None

@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from refdpo.data import PairData, collate_pairs, eval_batches
+from refdpo.data import PairData, collate_pairs, eval_batches, to_device
 from refdpo.logprobs import sequence_logprobs
 from refdpo.metrics import PairStats
 from refdpo.objectives import Objective
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def forward_pairs(model, batch: dict, objective: Objective, fused: bool = True) -> dict[str, torch.Tensor]:

@@ -73,11 +73,18 @@ class MetricsLog:
             self._truncate_after(resume_step)
 
     def _truncate_after(self, step: int) -> None:
-        """Drop what a killed run logged after its last checkpoint: the resumed run logs it again."""
+        """Drop what a killed run logged after its last checkpoint (the resumed run logs it again), and a last
+        line the kill cut short."""
         from refdpo.checkpoint import atomic_write_text
 
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:

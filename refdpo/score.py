@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from refdpo.data import PairData, collate_pairs
+from refdpo.data import PairData, collate_pairs, to_device
 from refdpo.logprobs import sequence_logprobs
 
 
@@ -23,10 +23,8 @@ def score_pairs(model: torch.nn.Module, data: PairData, pad_id: int, batch_size:
     chosen, rejected = np.empty(len(data)), np.empty(len(data))
     for lo in tqdm(range(0, len(data), batch_size), desc="score", disable=not progress):
         indices = np.arange(lo, min(lo + batch_size, len(data)))
-        batch = collate_pairs(data, indices, np.ones(len(indices)), pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logps, _ = sequence_logprobs(model, batch)
-        logps = logps.double().cpu().numpy()
+        batch = to_device(collate_pairs(data, indices, np.ones(len(indices)), pad_id), device)
+        logps = sequence_logprobs(model, batch)[0].cpu().numpy()
         chosen[indices], rejected[indices] = logps[:len(indices)], logps[len(indices):]
     model.train(was_training)
     return chosen, rejected

@@ -24,10 +24,18 @@ from tqdm.auto import tqdm
 
 from refdpo import checkpoint as ckpt
 from refdpo.config import TrainConfig, save_yaml
-from refdpo.data import PairData, PairSampler, build_pairs, collate_pairs, load_split, parse_ref_columns
+from refdpo.data import (
+    PairData,
+    PairSampler,
+    build_pairs,
+    collate_pairs,
+    load_split,
+    parse_ref_columns,
+    to_device,
+)
 from refdpo.data.templates import check_template
 from refdpo.errors import ConfigError
-from refdpo.evaluate import evaluate_pairs, forward_pairs, to_device
+from refdpo.evaluate import evaluate_pairs, forward_pairs
 from refdpo.logprobs import head_matches_model
 from refdpo.metrics import MetricsLog, PairStats
 from refdpo.modeling import load_policy, load_tokenizer, pad_token_id

@@ -65,6 +65,8 @@ def test_saved_config_loads_back(tmp_path):
 @pytest.mark.parametrize("text,message", [
     ("model: m\ndataset: d\nbetta: 0.1\n", "unknown field(s): betta"),
     ("model: m\ndataset: d\nepochs: three\n", "field 'epochs' must be int"),
+    ("model: m\ndataset: d\nepochs: 2.5\n", "field 'epochs' must be int"),
+    ("model: m\ndataset: d\nbeta: true\n", "field 'beta' must be float"),
     ("- a\n- b\n", "expected a mapping"),
     ("model: [unclosed\n", "invalid YAML"),
 ])

@@ -44,3 +44,8 @@ def collate_pairs(data: PairData, indices: np.ndarray, weights: np.ndarray, pad_
         "weights": torch.tensor(weights, dtype=torch.float64),
         "num_tokens": attention_mask.sum(),
     }
+
+
+def to_device(batch: dict, device: torch.device | str) -> dict:
+    """Move a collated batch's tensors to `device`."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
