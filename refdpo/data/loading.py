@@ -31,6 +31,9 @@ class RawSplit:
     def __len__(self) -> int:
         return len(self.records)
 
+    def line_of(self, row: int) -> int | None:
+        return self.line_numbers[row] if self.line_numbers else None
+
     @property
     def columns(self) -> set[str]:
         """Every field that appears in any record (a column missing from some rows is reported per row)."""

@@ -49,7 +49,7 @@ def build_pairs(raw: RawSplit, tokenizer, template: str, max_len: int,
         raise DataError(raw.source, "has no records")
     if ref_columns is not None:
         ref_columns = resolve_ref_columns(raw.columns, ref_columns, raw.source)
-    validate_records(raw.records, raw.source, ref_columns, raw.line_numbers)
+    validate_records(raw.records, raw.source, ref_columns, raw.line_of)
 
     prompts, fulls = [], []
     for row, record in enumerate(raw.records):
@@ -57,9 +57,8 @@ def build_pairs(raw: RawSplit, tokenizer, template: str, max_len: int,
             try:
                 prompt, full = render(record[side], template, tokenizer)
             except Exception as e:  # a chat template's own error (jinja) belongs to this row
-                line = raw.line_numbers[row] if raw.line_numbers else None
                 raise DataError(raw.source, f"template {template!r} failed: {e}", row=row, field=side,
-                                line=line) from None
+                                line=raw.line_of(row)) from None
             prompts.append(prompt)
             fulls.append(full)
     encoded, merges = tokenize_rendered(prompts, fulls, tokenizer, template, max_len)
@@ -71,11 +70,10 @@ def build_pairs(raw: RawSplit, tokenizer, template: str, max_len: int,
         if lost:
             if on_truncated == "error" and len(errors) < 20:
                 e = c if lost[0] == "chosen" else r
-                line = raw.line_numbers[row] if raw.line_numbers else None
                 errors.append(DataError(
                     raw.source, f"the response is truncated away by max_len={max_len} (prompt is "
                                 f"{e.response_start} tokens); raise --max_len or drop such pairs with "
-                                f"--on_truncated drop", row=row, field=lost[0], line=line))
+                                f"--on_truncated drop", row=row, field=lost[0], line=raw.line_of(row)))
             continue
         partial += int(c.full_length > max_len or r.full_length > max_len)
         keep.append(row)

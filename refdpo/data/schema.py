@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from refdpo.errors import DataError, DataErrors
 
@@ -129,7 +129,7 @@ def validate_record(record: object, ref_columns: tuple[str, str] | None) -> None
 
 
 def validate_records(records: Iterable[object], source: str, ref_columns: tuple[str, str] | None,
-                     line_numbers: Sequence[int] | None = None) -> None:
+                     line_of: Callable[[int], int | None] = lambda row: None) -> None:
     """Validate every record; raise DataErrors listing the first bad ones, one line each."""
     errors: list[DataError] = []
     total = 0
@@ -139,7 +139,7 @@ def validate_records(records: Iterable[object], source: str, ref_columns: tuple[
         except _Bad as bad:
             total += 1
             if len(errors) < MAX_REPORTED_ERRORS:
-                line = line_numbers[row] if line_numbers is not None else None
-                errors.append(DataError(source, bad.message, row=row, field=bad.field or None, line=line))
+                errors.append(DataError(source, bad.message, row=row, field=bad.field or None,
+                                        line=line_of(row)))
     if errors:
         raise DataErrors(errors, total)
