@@ -1,6 +1,8 @@
 """The `refdpo` command.
 
   refdpo train [--config FILE.yaml] [--field value ...]   DPO and variants from stored reference log-probs
+  refdpo score --model REF --dataset D --split S --out OUT  reference log-probs (conditional or prior) for D
+  refdpo check --dataset D [--model M]                      statistics of stored log-probs; recompute a sample
   refdpo tiny --out DIR                                    a tiny offline model + synthetic dataset to try it on
 
 Errors caused by input (config, data, paths) are printed as one line per problem and exit with status 2.
@@ -51,6 +53,32 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
+def _score(argv: list[str]) -> int:
+    from refdpo.config import parse_args
+    from refdpo.score import ScoreConfig, score
+
+    cfg = parse_args(ScoreConfig, argv, "refdpo score", "Compute a reference's summed log-probs of every "
+                     "chosen and rejected response, written as two columns next to the original fields.")
+    summary = score(cfg)
+    if _is_main_process():
+        cov = summary["coverage"]
+        print(f"scored {summary['pairs']} of {summary['rows_in']} pairs ({summary['dropped_truncated']} dropped: "
+              f"response truncated away) with {cov['processes']} process(es), each row once; "
+              f"{summary['tokens_per_s'] or 0:.0f} tokens/s; wrote {summary['out']} and {summary['provenance']}")
+    return 0
+
+
+def _check(argv: list[str]) -> int:
+    from refdpo.check import CheckConfig, check, format_report
+    from refdpo.config import parse_args
+
+    cfg = parse_args(CheckConfig, argv, "refdpo check", "Check the reference log-probs stored in a dataset: "
+                     "statistics, provenance, and (with --model) a recomputed sample.", ignore_unknown_yaml=True)
+    report = check(cfg)
+    print(format_report(report))
+    return 1 if report["errors"] else 0
+
+
 def _tiny(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="refdpo tiny", description="Build a tiny offline setup: a "
                                      "tokenizer and random-init Llama (OUT/model) and synthetic pairs in the "
@@ -81,7 +109,7 @@ def _tiny(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "tiny": _tiny}
+COMMANDS = {"train": _train, "score": _score, "check": _check, "tiny": _tiny}
 
 
 def main(argv: list[str] | None = None) -> None:

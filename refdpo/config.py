@@ -27,69 +27,100 @@ from refdpo.errors import ConfigError
 from refdpo.objectives import OBJECTIVES, Objective
 
 
-def _f(default, help: str, **kw):
+def option(default, help: str, **kw):
+    """A config field: its default and its --help text (one source for both)."""
     return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
-class TrainConfig:
-    # model
-    model: str = _f("", "policy: hub id or local folder (seed: --model_type)")
-    revision: str | None = _f(None, "model revision (branch, tag or commit) on the hub")
-    tokenizer: str | None = _f(None, "tokenizer id/folder when it differs from the model's")
-    dtype: str = _f("float32", "dtype the weights are loaded in: float32 (master weights for mixed "
-                               "precision), bfloat16, float16")
-    mixed_precision: str | None = _f(None, "no | bf16 | fp16; default: what `accelerate launch` was given")
-    attn_implementation: str = _f("auto", "auto (flash_attention_2 when installed on GPU, else sdpa) | sdpa | "
+class ModelSpec:
+    """Which model and tokenizer to load (shared by train, score and check)."""
+
+    model: str = option("", "hub id or local folder (train, seed: --model_type)")
+    revision: str | None = option(None, "model revision (branch, tag or commit) on the hub")
+    tokenizer: str | None = option(None, "tokenizer id/folder when it differs from the model's")
+    attn_implementation: str = option("auto", "auto (flash_attention_2 when installed on GPU, else sdpa) | sdpa | "
                                           "eager | flash_attention_2")
-    gradient_checkpointing: bool = _f(True, "recompute activations in backward (non-reentrant)")
-    trust_remote_code: bool = _f(False, "allow model/tokenizer code from the hub")
-    lora: bool = _f(False, "train LoRA adapters (peft) instead of all weights")
-    lora_r: int = _f(16, "LoRA rank")
-    lora_alpha: int = _f(32, "LoRA alpha")
-    lora_dropout: float = _f(0.05, "LoRA dropout")
-    lora_target_modules: str = _f("all-linear", "comma-separated module names, or all-linear")
-    # data
-    dataset: str = _f("", "hub id (yale-nlp/RefDPO), folder, .jsonl/.parquet file, or save_to_disk folder")
-    dataset_config: str | None = _f(None, "hub config, e.g. mistral, tulu2, mistral_prior, mistralv2, llama3 "
+    trust_remote_code: bool = option(False, "allow model/tokenizer code from the hub")
+
+
+@dataclass
+class DataSpec:
+    """Where the pairs are and how they become tokens (shared by train, score and check)."""
+
+    dataset: str = option("", "hub id (yale-nlp/RefDPO), folder, .jsonl/.parquet file, or save_to_disk folder")
+    dataset_config: str | None = option(None, "hub config, e.g. mistral, tulu2, mistral_prior, mistralv2, llama3 "
                                           "(seed: --data_split)")
-    dataset_revision: str | None = _f(None, "dataset revision on the hub")
-    train_split: str = _f("train", "training split name, or a path to its file")
-    val_split: str = _f("val", "validation split name or path; empty to train without evaluation")
-    template: str = _f("tulu", f"chat format: {' | '.join(TEMPLATES)} (seed --insert_eos = zephyr)")
-    max_len: int = _f(2048, "tokens per sequence; longer sequences are truncated at the end")
-    on_truncated: str = _f("drop", f"pairs whose response is truncated away: {' | '.join(ON_TRUNCATED)}")
-    ref_columns: str = _f("chosen_logprob,rejected_logprob", "reference log-prob columns CHOSEN,REJECTED")
-    max_train_pairs: int = _f(0, "use only the first N training pairs (0: all)")
-    max_val_pairs: int = _f(0, "use only the first N validation pairs (0: all)")
+    dataset_revision: str | None = option(None, "dataset revision on the hub")
+    template: str = option("tulu", f"chat format: {' | '.join(TEMPLATES)} (seed --insert_eos = zephyr)")
+    max_len: int = option(2048, "tokens per sequence; longer sequences are truncated at the end")
+    on_truncated: str = option("drop", f"pairs whose response is truncated away: {' | '.join(ON_TRUNCATED)}")
+
+    def spec_checks(self, model_required: bool = True) -> list[tuple[bool, str]]:
+        return [
+            (bool(self.model) or not model_required, "--model is required"),
+            (bool(self.dataset), "--dataset is required"),
+            (self.template in TEMPLATES, f"--template must be one of {', '.join(TEMPLATES)}"),
+            (self.on_truncated in ON_TRUNCATED, f"--on_truncated must be one of {', '.join(ON_TRUNCATED)}"),
+            (self.max_len > 1, "--max_len must be > 1"),
+        ]
+
+
+def check_all(checks: list[tuple[bool, str]]) -> None:
+    """Raise a ConfigError with the first failed check's message."""
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+@dataclass
+class TrainConfig(DataSpec, ModelSpec):
+    # model (and ModelSpec's fields)
+    dtype: str = option("float32", "dtype the weights are loaded in: float32 (master weights for mixed "
+                               "precision), bfloat16, float16")
+    mixed_precision: str | None = option(None, "no | bf16 | fp16; default: what `accelerate launch` was given")
+    gradient_checkpointing: bool = option(True, "recompute activations in backward (non-reentrant)")
+    lora: bool = option(False, "train LoRA adapters (peft) instead of all weights")
+    lora_r: int = option(16, "LoRA rank")
+    lora_alpha: int = option(32, "LoRA alpha")
+    lora_dropout: float = option(0.05, "LoRA dropout")
+    lora_target_modules: str = option("all-linear", "comma-separated module names, or all-linear")
+    # data (and DataSpec's fields)
+    train_split: str = option("train", "training split name, or a path to its file")
+    val_split: str = option("val", "validation split name or path; empty to train without evaluation")
+    ref_columns: str = option("chosen_logprob,rejected_logprob", "reference log-prob columns CHOSEN,REJECTED")
+    max_train_pairs: int = option(0, "use only the first N training pairs (0: all)")
+    max_val_pairs: int = option(0, "use only the first N validation pairs (0: all)")
+    strict: bool = option(False, "refuse to train when the data's provenance disagrees with this config (template, "
+                             "max_len, rows); without it such mismatches are warnings")
     # objective
-    loss: str = _f("dpo", f"objective: {' | '.join(OBJECTIVES)}")
-    beta: float = _f(0.1, "KL strength beta (SimPO: reward scale)")
-    ref_free: bool = _f(False, "reference-free: the reference term is 0 (the paper's posterior reward)")
-    label_smoothing: float = _f(0.0, "cDPO label-flip probability (loss cdpo)")
-    simpo_gamma: float = _f(0.5, "SimPO target margin gamma")
-    dpo_weight: float = _f(1.0, "constant factor on the loss (seed's --dpo_weight)")
+    loss: str = option("dpo", f"objective: {' | '.join(OBJECTIVES)}")
+    beta: float = option(0.1, "KL strength beta (SimPO: reward scale)")
+    ref_free: bool = option(False, "reference-free: the reference term is 0 (the paper's posterior reward)")
+    label_smoothing: float = option(0.0, "cDPO label-flip probability (loss cdpo)")
+    simpo_gamma: float = option(0.5, "SimPO target margin gamma")
+    dpo_weight: float = option(1.0, "constant factor on the loss (seed's --dpo_weight)")
     # optimisation
-    epochs: int = _f(3, "passes over the training split (seed: --epoch)")
-    batch_size: int = _f(4, "pairs per device per micro-batch")
-    accumulate_step: int = _f(1, "micro-batches per optimizer step")
-    eval_batch_size: int = _f(0, "pairs per device when evaluating (0: batch_size)")
-    max_lr: float = _f(5e-7, "peak learning rate (AdamW)")
-    weight_decay: float = _f(0.01, "AdamW weight decay")
-    adam_beta1: float = _f(0.9, "AdamW beta1")
-    adam_beta2: float = _f(0.999, "AdamW beta2")
-    warmup_ratio: float = _f(0.1, "fraction of steps of linear warmup, then linear decay to 0")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
-    seed: int = _f(18890426, "random seed (data order, initialisation of LoRA)")
+    epochs: int = option(3, "passes over the training split (seed: --epoch)")
+    batch_size: int = option(4, "pairs per device per micro-batch")
+    accumulate_step: int = option(1, "micro-batches per optimizer step")
+    eval_batch_size: int = option(0, "pairs per device when evaluating (0: batch_size)")
+    max_lr: float = option(5e-7, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    warmup_ratio: float = option(0.1, "fraction of steps of linear warmup, then linear decay to 0")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0: off)")
+    seed: int = option(18890426, "random seed (data order, initialisation of LoRA)")
     # evaluation, checkpoints, logging
-    eval_interval: int = _f(500, "evaluate every N optimizer steps (and at each epoch end)")
-    eval_at_start: bool = _f(True, "evaluate before the first step (step 0: the reference's own loss)")
-    save_interval: int = _f(0, "save a resumable checkpoint every N steps (0: at each evaluation)")
-    report_freq: int = _f(10, "log training metrics every N optimizer steps")
-    output_dir: str = _f("", "run folder (default runs/<date-time>)")
-    resume: bool = _f(False, "continue the run in --output_dir from its last checkpoint")
-    report_to: str = _f("tensorboard", "comma-separated: tensorboard, wandb, none")
-    wandb_project: str = _f("refdpo", "W&B project when --report_to wandb")
+    eval_interval: int = option(500, "evaluate every N optimizer steps (and at each epoch end)")
+    eval_at_start: bool = option(True, "evaluate before the first step (step 0: the reference's own loss)")
+    save_interval: int = option(0, "save a resumable checkpoint every N steps (0: at each evaluation)")
+    report_freq: int = option(10, "log training metrics every N optimizer steps")
+    output_dir: str = option("", "run folder (default runs/<date-time>)")
+    resume: bool = option(False, "continue the run in --output_dir from its last checkpoint")
+    report_to: str = option("tensorboard", "comma-separated: tensorboard, wandb, none")
+    wandb_project: str = option("refdpo", "W&B project when --report_to wandb")
 
     # --- derived views -------------------------------------------------------------------------------
     @property
@@ -103,28 +134,20 @@ class TrainConfig:
         return [] if names in ([], ["none"]) else names
 
     def validate(self) -> TrainConfig:
-        checks = [
-            (bool(self.model), "--model is required (seed: --model_type)"),
-            (bool(self.dataset), "--dataset is required"),
-            (self.template in TEMPLATES, f"--template must be one of {', '.join(TEMPLATES)}"),
-            (self.on_truncated in ON_TRUNCATED, f"--on_truncated must be one of {', '.join(ON_TRUNCATED)}"),
+        check_all(self.spec_checks() + [
             (self.loss in OBJECTIVES, f"--loss must be one of {', '.join(OBJECTIVES)}"),
             (self.beta > 0 and math.isfinite(self.beta), "--beta must be a positive number"),
             (0 <= self.label_smoothing < 0.5, "--label_smoothing must be in [0, 0.5)"),
             (self.loss != "cdpo" or self.label_smoothing > 0, "--loss cdpo needs --label_smoothing > 0"),
             (self.dtype in ("float32", "bfloat16", "float16"), "--dtype must be float32, bfloat16 or float16"),
             (self.mixed_precision in (None, "no", "bf16", "fp16"), "--mixed_precision must be no, bf16 or fp16"),
-            (self.max_len > 1, "--max_len must be > 1"),
             (min(self.epochs, self.batch_size, self.accumulate_step, self.report_freq,
                  self.eval_interval) >= 1,
              "--epochs, --batch_size, --accumulate_step, --report_freq and --eval_interval must be >= 1"),
             (self.max_lr > 0, "--max_lr must be > 0"),
             (0 <= self.warmup_ratio <= 1, "--warmup_ratio must be in [0, 1]"),
             (set(self.trackers) <= {"tensorboard", "wandb"}, "--report_to takes tensorboard, wandb or none"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        ])
         return self
 
     def to_dict(self) -> dict:
@@ -143,10 +166,10 @@ ALIASES: dict[str, tuple[str | None, object]] = {
 }
 
 
-def _field_types() -> dict[str, type]:
-    hints = typing.get_type_hints(TrainConfig)
+def _field_types(cls: type) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
     out = {}
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(cls):
         t = hints[f.name]
         args = [a for a in typing.get_args(t) if a is not type(None)]
         out[f.name] = args[0] if args else t
@@ -162,12 +185,16 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
 
 
-def build_parser(prog: str = "refdpo train") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Train a policy with DPO (or a variant) from "
-                                     "reference log-probs stored in the dataset.", allow_abbrev=False)
+def build_parser(prog: str = "refdpo train", cls: type = TrainConfig, description: str | None = None,
+                 aliases: dict | None = None) -> argparse.ArgumentParser:
+    """One flag per field of the dataclass `cls` (`--name` and `--name-with-dashes`), plus `--config`."""
+    if cls is TrainConfig and aliases is None:
+        aliases = ALIASES
+    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description=description or (
+        "Train a policy with DPO (or a variant) from reference log-probs stored in the dataset."))
     parser.add_argument("--config", help="YAML file of field: value (flags given here override it)")
-    types = _field_types()
-    for f in dataclasses.fields(TrainConfig):
+    types = _field_types(cls)
+    for f in dataclasses.fields(cls):
         flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         kind = types[f.name]
         help_text = f"{f.metadata['help']} (default: {f.default})"
@@ -177,17 +204,18 @@ def build_parser(prog: str = "refdpo train") -> argparse.ArgumentParser:
         else:
             parser.add_argument(*flags, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text,
                                 metavar=f.name.upper())
-    seed = parser.add_argument_group("RefDPO seed aliases")
-    for flag, (dest, switch_value) in ALIASES.items():
-        if dest is None:
-            seed.add_argument(flag, action="store_true", default=argparse.SUPPRESS, dest=f"_ignored{flag}",
-                              help="accepted for compatibility with the seed's commands; no effect")
-        elif switch_value is not None:
-            seed.add_argument(flag, action="store_const", const=switch_value, dest=dest,
-                              default=argparse.SUPPRESS, help=f"= --{dest} {switch_value}")
-        else:
-            seed.add_argument(flag, dest=dest, type=types[dest], default=argparse.SUPPRESS,
-                              help=f"= --{dest}", metavar=dest.upper())
+    if aliases:
+        seed = parser.add_argument_group("RefDPO seed aliases")
+        for flag, (dest, switch_value) in aliases.items():
+            if dest is None:
+                seed.add_argument(flag, action="store_true", default=argparse.SUPPRESS, dest=f"_ignored{flag}",
+                                  help="accepted for compatibility with the seed's commands; no effect")
+            elif switch_value is not None:
+                seed.add_argument(flag, action="store_const", const=switch_value, dest=dest,
+                                  default=argparse.SUPPRESS, help=f"= --{dest} {switch_value}")
+            else:
+                seed.add_argument(flag, dest=dest, type=types[dest], default=argparse.SUPPRESS,
+                                  help=f"= --{dest}", metavar=dest.upper())
     return parser
 
 
@@ -204,10 +232,10 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def _coerce(name: str, value: object, source: str) -> object:
-    kind = _field_types()[name]
+def _coerce(cls: type, name: str, value: object, source: str) -> object:
+    kind = _field_types(cls)[name]
     if value is None:
-        default = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
+        default = next(f.default for f in dataclasses.fields(cls) if f.name == name)
         if default is None:
             return None
         raise ConfigError(f"{source}: field '{name}' cannot be null")
@@ -223,30 +251,36 @@ def _coerce(name: str, value: object, source: str) -> object:
         raise ConfigError(f"{source}: field '{name}' must be {kind.__name__}, got {value!r}") from None
 
 
-def coerce_fields(values: dict, source: str) -> dict:
-    """Check names and types of `values` (from YAML or code); errors name the source and the field."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+def coerce_fields(values: dict, source: str, cls: type = TrainConfig, ignore_unknown: bool = False) -> dict:
+    """Check names and types of `values` (from YAML or code); errors name the source and the field.
+    `ignore_unknown`: drop fields `cls` does not have (a command reading the training config's YAML)."""
+    names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
-    if unknown:
+    if unknown and not ignore_unknown:
         raise ConfigError(f"{source}: unknown field(s): {', '.join(unknown)}")
-    return {k: _coerce(k, v, source) for k, v in values.items()}
+    return {k: _coerce(cls, k, v, source) for k, v in values.items() if k in names}
 
 
-def from_dict(values: dict, source: str = "config") -> TrainConfig:
-    return TrainConfig(**coerce_fields(values, source)).validate()
+def from_dict(values: dict, source: str = "config", cls: type = TrainConfig):
+    return cls(**coerce_fields(values, source, cls)).validate()
+
+
+def parse_args(cls: type, argv: list[str] | None, prog: str, description: str | None = None,
+               ignore_unknown_yaml: bool = False):
+    """defaults < YAML (--config) < flags, for the config dataclass `cls`; returns it validated."""
+    args = vars(build_parser(prog, cls, description).parse_args(argv))
+    path = args.pop("config", None)
+    values = coerce_fields(load_yaml(path), str(path), cls, ignore_unknown_yaml) if path else {}
+    values.update({k: v for k, v in args.items() if not k.startswith("_ignored")})
+    return cls(**values).validate()
 
 
 def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
-    """defaults < YAML (--config) < flags; returns a validated config."""
-    args = vars(build_parser().parse_args(argv))
-    path = args.pop("config", None)
-    values = coerce_fields(load_yaml(path), str(path)) if path else {}
-    values.update({k: v for k, v in args.items() if not k.startswith("_ignored")})
-    return TrainConfig(**values).validate()
+    return parse_args(TrainConfig, argv, "refdpo train")
 
 
-def save_yaml(config: TrainConfig, path: Path) -> None:
+def save_yaml(config, path: Path) -> None:
     """The resolved config, loadable again with --config."""
     from refdpo.checkpoint import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))

@@ -47,18 +47,22 @@ def resolve_attn_implementation(requested: str, device: torch.device) -> str:
     return requested
 
 
+def _from_pretrained(spec, dtype: torch.dtype, attn: str, **kwargs) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(spec.model, revision=spec.revision, dtype=dtype,
+                                                    attn_implementation=attn,
+                                                    trust_remote_code=spec.trust_remote_code, **kwargs)
+    except (OSError, ValueError) as e:
+        raise RefdpoError(f"cannot load model {spec.model!r}: {_first_line(e)}") from None
+
+
 def load_policy(cfg, device: torch.device) -> torch.nn.Module:
     """The trainable policy, as configured. Under DeepSpeed ZeRO-3 the Accelerator must exist already, so
     that from_pretrained partitions the weights while loading them."""
-    from transformers import AutoModelForCausalLM
-
     attn = resolve_attn_implementation(cfg.attn_implementation, device)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, revision=cfg.revision,
-                                                     dtype=getattr(torch, cfg.dtype), attn_implementation=attn,
-                                                     trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise RefdpoError(f"cannot load model {cfg.model!r}: {_first_line(e)}") from None
+    model = _from_pretrained(cfg, getattr(torch, cfg.dtype), attn)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -70,4 +74,27 @@ def load_policy(cfg, device: torch.device) -> torch.nn.Module:
                           lora_dropout=cfg.lora_dropout,
                           target_modules=targets if targets == "all-linear" else targets.split(","))
         model = get_peft_model(model, lora)
+    return model
+
+
+def inference_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 on a GPU that has it, else float32 (CPUs gain nothing from bf16 here and lose accuracy)."""
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16, got {name!r}")
+    return getattr(torch, name)
+
+
+def load_frozen(spec, device: torch.device, dtype: torch.dtype, device_map: str | None = None) -> torch.nn.Module:
+    """A model for inference only (a reference to score with, a checkpoint to check): eval mode, no gradients,
+    on `device`, or spread over every visible GPU (and CPU) by `device_map` ("auto") for a model too large for
+    one."""
+    attn = resolve_attn_implementation(spec.attn_implementation, device)
+    kwargs = {"device_map": device_map} if device_map else {}
+    model = _from_pretrained(spec, dtype, attn, **kwargs)
+    if not device_map:
+        model.to(device)
+    model.eval().requires_grad_(False)
     return model

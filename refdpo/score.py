@@ -1,30 +1,397 @@
-"""Reference log-probs for preference pairs: the summed log-prob of each chosen and rejected response under a
-reference model, with the reference's own tokenizer and template (only a scalar per response crosses over to
-the policy, so any vocabulary works).
+"""`refdpo score`: reference log-probs for preference pairs, from any model, with its own tokenizer and template.
+
+For every pair, the reference's summed log-prob of the chosen and of the rejected response (DESIGN.md §3) is
+written as two columns next to all original fields. Only these scalars cross over to the policy, so the
+reference may have any vocabulary. `--mode prior` scores log p(y) with the prompt replaced by a prefix
+(templates.py). Provenance is written beside the output (provenance.py).
+
+How it is fast:
+  - inference mode, and only response positions go through the LM head (logprobs.py);
+  - pairs sorted by length into batches of at most `batch_tokens` padded tokens (little padding), longest
+    first (an out-of-memory error shows in the first seconds, not after hours);
+  - a pair's prompt is computed once: [prompt | chosen | rejected] in one row with a mask that keeps the two
+    responses apart (collate_shared), checked at start-up against the plain layout on real pairs;
+  - each process of `accelerate launch` takes every n-th block of batches; `--device_map auto` spreads one
+    large reference over all GPUs; `--backend vllm` scores with vLLM's prompt log-probs.
+
+How nothing is lost: batches are grouped into blocks of `save_every`, each written atomically to OUT.parts/
+as soon as it is done; a manifest fixes the job (model, data, settings, batch plan). Running the same command
+again after a crash or kill skips the finished blocks; the plan does not depend on the number of processes,
+so the output is byte-identical to an uninterrupted run. The main process then merges the blocks, checks that
+every row was scored exactly once, writes OUT atomically with its provenance, and removes OUT.parts.
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from refdpo.data import PairData, collate_pairs, to_device
-from refdpo.logprobs import sequence_logprobs
+from refdpo import __version__, shards
+from refdpo import provenance as prov
+from refdpo.config import DataSpec, ModelSpec, check_all, option
+from refdpo.data import (
+    PairData,
+    RawSplit,
+    build_pairs,
+    collate_pairs,
+    load_split,
+    parse_ref_columns,
+    to_device,
+)
+from refdpo.data.collate import collate_shared, shares_prompt
+from refdpo.data.schema import validate_records
+from refdpo.data.templates import PRIOR_PREFIXES, check_template, prior_conversation, prior_template
+from refdpo.data.writing import check_writable, output_format, push_to_hub, write_records
+from refdpo.errors import ConfigError, RefdpoError
+from refdpo.logprobs import head_matches_model, sequence_logprobs, token_logprobs_at
+from refdpo.modeling import inference_dtype, load_frozen, load_tokenizer, pad_token_id
+
+log = logging.getLogger(__name__)
+MODES = ("conditional", "prior")
+PAD_MULTIPLE = 8  # collate_pairs/collate_shared pad widths to a multiple of 8
+BACKENDS = ("hf", "vllm")
 
 
-@torch.no_grad()
-def score_pairs(model: torch.nn.Module, data: PairData, pad_id: int, batch_size: int = 8,
-                progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(chosen, rejected) summed response log-probs, float64 [N], in the order of `data`."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+@dataclass
+class ScoreConfig(DataSpec, ModelSpec):
+    split: str = option("train", "split name, or a path to its file")
+    out: str = option("", "output: a .jsonl or .parquet file, or a folder (save_to_disk)")
+    columns: str = option("chosen_logprob,rejected_logprob", "names of the two columns to write CHOSEN,REJECTED "
+                                                         "(several references can live in one dataset)")
+    mode: str = option("conditional", "conditional: log p(y|x); prior: log p(y), the prompt replaced by --prior_prefix")
+    prior_prefix: str = option("empty_user", f"what precedes y in prior mode: {' | '.join(PRIOR_PREFIXES)}")
+    dtype: str = option("auto", "auto (bfloat16 on a GPU that has it, else float32) | float32 | bfloat16 | float16")
+    device_map: str | None = option(None, "auto: spread one model too large for a GPU over all GPUs (one process)")
+    backend: str = option("hf", f"{' | '.join(BACKENDS)} (vllm: needs the vllm package)")
+    tensor_parallel_size: int = option(1, "GPUs per model with --backend vllm")
+    batch_tokens: int = option(0, "padded tokens per forward pass, setting the batch size per length bucket (0: "
+                                  "16384 on a GPU, 2048 on a CPU, where bigger batches only add attention cost)")
+    max_batch_pairs: int = option(64, "pairs per forward pass at most")
+    share_prompt: bool = option(True, "compute each pair's prompt once (checked against the plain layout first)")
+    save_every: int = option(16, "batches per block written to OUT.parts (what a kill can lose)")
+    overwrite: bool = option(False, "replace an existing OUT or an unfinished job with other settings")
+    push_to_hub: str | None = option(None, "also upload the result to this Hub dataset repo")
+    progress: bool = option(True, "show a progress bar")
+
+    def validate(self) -> ScoreConfig:
+        check_all(self.spec_checks() + [
+            (bool(self.out), "--out is required (a .jsonl/.parquet file or a folder)"),
+            (self.mode in MODES, f"--mode must be one of {', '.join(MODES)}"),
+            (self.prior_prefix in PRIOR_PREFIXES, f"--prior_prefix must be one of {', '.join(PRIOR_PREFIXES)}"),
+            (self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}"),
+            (self.dtype in ("auto", "float32", "bfloat16", "float16"),
+             "--dtype must be auto, float32, bfloat16 or float16"),
+            (self.device_map in (None, "auto"), "--device_map takes auto"),
+            (self.batch_tokens >= 0, "--batch_tokens must be >= 0 (0: by device)"),
+            (min(self.max_batch_pairs, self.save_every, self.tensor_parallel_size) >= 1,
+             "--max_batch_pairs, --save_every and --tensor_parallel_size must be >= 1"),
+        ])
+        _column_names(self.columns)
+        return self
+
+
+def _column_names(spec: str) -> tuple[str, str]:
+    try:
+        return parse_ref_columns(spec)
+    except RefdpoError:
+        raise ConfigError(f"--columns expects two column names CHOSEN,REJECTED, got {spec!r}") from None
+
+
+# --- tokenised pairs for the reference --------------------------------------------------------------------
+
+def reference_pairs(raw: RawSplit, tokenizer, template: str, max_len: int, on_truncated: str,
+                    mode: str = "conditional", prior_prefix: str = "empty_user") -> tuple[PairData, str]:
+    """The pairs as the reference sees them (its tokenizer and template; prior mode: prompt replaced), and the
+    template actually rendered ("bos" for a bare-BOS prior)."""
+    if mode == "conditional":
+        return build_pairs(raw, tokenizer, template, max_len, None, on_truncated), template
+    validate_records(raw.records, raw.source, None, raw.line_of)  # the original prompts, before they go
+    rendered = prior_template(template, prior_prefix, tokenizer)
+    prior = [{"chosen": prior_conversation(r["chosen"], prior_prefix),
+              "rejected": prior_conversation(r["rejected"], prior_prefix)} for r in raw.records]
+    view = RawSplit(prior, raw.source, raw.line_numbers)
+    return build_pairs(view, tokenizer, rendered, max_len, None, on_truncated, validate=False), rendered
+
+
+# --- batches ------------------------------------------------------------------------------------------
+
+def default_batch_tokens(device: torch.device) -> int:
+    """Measured on a 2-core CPU (benchmarks/score_bench.py): 1-2k padded tokens per batch are fastest there,
+    16k is 1.6x slower; a GPU wants large batches."""
+    return 16384 if device.type == "cuda" else 2048
+
+
+def plan_batches(data: PairData, batch_tokens: int, max_batch_pairs: int, share: bool) -> list[tuple[list, bool]]:
+    """[(pair indices, shared layout?)]: pairs sorted longest first, grouped while the padded batch stays within
+    `batch_tokens` (a pair longer than that gets a batch of its own). Depends on the data only."""
+    n = len(data)
+    shared = np.array([share and shares_prompt(data, i) for i in range(n)], dtype=bool)
+    widths = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        c, r = len(data.chosen[i].input_ids), len(data.rejected[i].input_ids)
+        widths[i] = c + r - data.chosen[i].response_start if shared[i] else max(c, r)
+    widths = -(-widths // PAD_MULTIPLE) * PAD_MULTIPLE  # as collate pads them
+    order = np.lexsort((np.arange(n), -widths, ~shared))  # shared first, then longest first, then row
+    plan, current, width = [], [], 0
+    for i in order.tolist():
+        rows_per_pair = 1 if shared[i] else 2
+        fits = (len(current) < max_batch_pairs and (not current or shared[current[0]] == shared[i])
+                and (len(current) + 1) * rows_per_pair * max(width, widths[i]) <= batch_tokens)
+        if current and not fits:
+            plan.append((current, bool(shared[current[0]])))
+            current, width = [], 0
+        current.append(i)
+        width = max(width, int(widths[i]))
+    if current:
+        plan.append((current, bool(shared[current[0]])))
+    return plan
+
+
+def _mask_dtype(model: torch.nn.Module) -> torch.dtype:
+    """sdpa takes a boolean mask (a quarter of the memory); eager attention adds a float one."""
+    attn = getattr(model.config, "_attn_implementation", "eager")
+    return torch.bool if attn == "sdpa" else next(model.parameters()).dtype
+
+
+def _input_device(model: torch.nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+@torch.inference_mode()
+def score_batch(model: torch.nn.Module, data: PairData, indices: list, shared: bool, pad_id: int,
+                fused: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Summed response log-probs (chosen, rejected) float64 for the pairs `indices`."""
+    device, n = _input_device(model), len(indices)
+    if shared:
+        batch = to_device(collate_shared(data, indices, pad_id, _mask_dtype(model)), device)
+        token_lp = token_logprobs_at(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+                                     batch["flat_index"], batch["targets"], fused)
+        sums = torch.zeros(2 * n, dtype=torch.float64, device=device).index_add_(0, batch["segment"],
+                                                                                  token_lp.double())
+    else:
+        batch = to_device(collate_pairs(data, np.asarray(indices), np.ones(n), pad_id), device)
+        sums = sequence_logprobs(model, batch, fused)[0]
+    sums = sums.cpu().numpy()
+    return sums[:n], sums[n:]
+
+
+def _sharing_possible(model: torch.nn.Module, data: PairData) -> str | None:
+    """Why the shared-prompt layout cannot be used with this model, or None."""
+    config = model.config
+    attn = getattr(config, "_attn_implementation", None)
+    if attn not in ("sdpa", "eager"):
+        return f"attention {attn!r} takes no custom 4D mask"
+    longest = max(data.num_tokens(i) for i in range(len(data)))
+    window = getattr(config, "sliding_window", None)
+    if isinstance(window, int) and window < longest:
+        return f"sliding-window attention ({window} tokens) would be bypassed by a custom mask"
+    if not any(shares_prompt(data, i) for i in range(min(len(data), 64))):
+        return "the pairs' tokenised prompts differ"
+    return None
+
+
+@torch.inference_mode()
+def decide_layout(model: torch.nn.Module, data: PairData, pad_id: int, share_prompt: bool = True,
+                  probe_pairs: int = 1) -> tuple[bool, bool]:
+    """(fused head?, shared prompt?): each optimisation is used only if it reproduces the plain computation on
+    real pairs of this data (1e-3 nats, scaled for long sequences); otherwise the reason is logged."""
+    device = _input_device(model)
+    k = min(len(data), probe_pairs)
+    first = to_device(collate_pairs(data, np.arange(k), np.ones(k), pad_id), device)
+    fused, diff = head_matches_model(model, first)
+    if not fused:
+        log.warning("chunked LM head disagrees with the model's logits (max diff %.2g): using full logits", diff)
+    if not share_prompt:
+        return fused, False
+    reason = _sharing_possible(model, data)
+    if reason is None:
+        probe = [i for i in range(min(len(data), 256)) if shares_prompt(data, i)][:probe_pairs]
+        plain = np.concatenate(score_batch(model, data, probe, False, pad_id, fused))
+        packed = np.concatenate(score_batch(model, data, probe, True, pad_id, fused))
+        diff = float(np.max(np.abs(plain - packed)))
+        if not diff <= 1e-3 * max(1.0, float(np.max(np.abs(plain))) / 100):
+            reason = f"it differs from the plain layout by {diff:.2g} nats on this model"
+    if reason is not None:
+        log.warning("scoring chosen and rejected without sharing the prompt: %s", reason)
+    return fused, reason is None
+
+
+def score_data(model: torch.nn.Module, data: PairData, pad_id: int, *, batch_tokens: int = 0,
+               max_batch_pairs: int = 64, share_prompt: bool = True, progress: bool = False
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """In memory: (chosen, rejected) summed log-probs, float64 [N], in the order of `data`."""
+    fused, share = decide_layout(model, data, pad_id, share_prompt)
+    batch_tokens = batch_tokens or default_batch_tokens(_input_device(model))
     chosen, rejected = np.empty(len(data)), np.empty(len(data))
-    for lo in tqdm(range(0, len(data), batch_size), desc="score", disable=not progress):
-        indices = np.arange(lo, min(lo + batch_size, len(data)))
-        batch = to_device(collate_pairs(data, indices, np.ones(len(indices)), pad_id), device)
-        logps = sequence_logprobs(model, batch)[0].cpu().numpy()
-        chosen[indices], rejected[indices] = logps[:len(indices)], logps[len(indices):]
-    model.train(was_training)
+    for indices, shared in tqdm(plan_batches(data, batch_tokens, max_batch_pairs, share), desc="score",
+                                disable=not progress):
+        chosen[indices], rejected[indices] = score_batch(model, data, indices, shared, pad_id, fused)
     return chosen, rejected
+
+
+# --- the resumable job ---------------------------------------------------------------------------------
+
+def _data_fingerprint(raw: RawSplit) -> str:
+    digest = hashlib.sha256()
+    for record in raw.records:
+        digest.update(json.dumps(record, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _check_columns(raw: RawSplit, columns: tuple[str, str]) -> tuple[str, str]:
+    """The two output columns must be distinct new or numeric columns: never a conversation or another field."""
+    chosen, rejected = columns
+    if chosen == rejected:
+        raise ConfigError(f"--columns needs two different names, got {chosen!r} twice")
+    for name in columns:
+        if name in ("chosen", "rejected", "prompt", "messages"):
+            raise ConfigError(f"--columns {name!r} would overwrite the conversations; pick other names")
+        if name in raw.columns:
+            values = [r[name] for r in raw.records if name in r]
+            if any(v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))) for v in values):
+                raise ConfigError(f"--columns {name!r} would overwrite the non-numeric field {name!r}")
+            log.warning("replacing the existing column %s", name)
+    return columns
+
+
+def _vllm_scorer(cfg: ScoreConfig, data: PairData):
+    try:
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+    except ImportError:
+        raise ConfigError("--backend vllm needs the vllm package (pip install vllm)") from None
+    llm = LLM(model=cfg.model, tokenizer=cfg.tokenizer or cfg.model, revision=cfg.revision,
+              dtype="auto" if cfg.dtype == "auto" else cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+              tensor_parallel_size=cfg.tensor_parallel_size, enable_prefix_caching=True)
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+
+    def score(indices: list, shared: bool) -> tuple[np.ndarray, np.ndarray]:
+        seqs = [data.chosen[i] for i in indices] + [data.rejected[i] for i in indices]
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=s.input_ids.tolist()) for s in seqs], params,
+                               use_tqdm=False)
+        sums = np.array([sum(out.prompt_logprobs[p][int(s.input_ids[p])].logprob
+                             for p in range(s.response_start, len(s.input_ids)))
+                         for s, out in zip(seqs, outputs)], dtype=np.float64)
+        return sums[:len(indices)], sums[len(indices):]
+
+    return score
+
+
+def score(cfg: ScoreConfig) -> dict:
+    """Run `refdpo score` as configured; returns a summary (rows, coverage, speed, output paths)."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    if (cfg.device_map or cfg.backend == "vllm") and state.num_processes > 1:
+        raise ConfigError("--device_map auto and --backend vllm spread one model over the GPUs of one process "
+                          "(vllm: --tensor_parallel_size): launch a single process")
+    out, columns = Path(cfg.out), _column_names(cfg.columns)
+    if state.device.type == "cpu":
+        torch.set_flush_denormal(True)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.revision, cfg.trust_remote_code)
+    check_template(cfg.template, tokenizer)
+    raw = load_split(cfg.dataset, cfg.split, cfg.dataset_config, cfg.dataset_revision)
+    data, rendered = reference_pairs(raw, tokenizer, cfg.template, cfg.max_len, cfg.on_truncated, cfg.mode,
+                                     cfg.prior_prefix)
+    dtype = inference_dtype(cfg.dtype, state.device)
+    dtype_name = str(dtype).removeprefix("torch.")
+    weights = prov.weights_fingerprint(cfg.model, cfg.revision)
+    job = {k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite", "push_to_hub", "progress",
+                                                              "save_every")}
+    batch_tokens = cfg.batch_tokens or default_batch_tokens(state.device)
+    job.update(batch_tokens=batch_tokens, dtype=dtype_name, weights_sha256=weights,
+               data_sha256=_data_fingerprint(raw), rows=len(raw), save_every=cfg.save_every)
+
+    parts = shards.parts_dir(out)
+    manifest = None
+    if state.is_main_process:  # settle what OUT means before spending minutes on loading a large model
+        columns = _check_columns(raw, columns)
+        check_writable(raw.records, out)
+        manifest = shards.resumable_manifest(out, job, cfg.overwrite)
+    model = None if cfg.backend == "vllm" else load_frozen(cfg, state.device, dtype, cfg.device_map)
+    pad_id = pad_token_id(tokenizer)
+    if state.is_main_process and manifest is None:
+        fused, share = (False, False) if model is None else decide_layout(model, data, pad_id, cfg.share_prompt)
+        plan = plan_batches(data, batch_tokens, cfg.max_batch_pairs, share)
+        manifest = shards.new_job(out, job, plan, cfg.save_every, fused=fused, share=share)
+    state.wait_for_everyone()
+    if manifest is None:
+        manifest = json.loads((parts / "manifest.json").read_text())
+    plan = plan_batches(data, batch_tokens, cfg.max_batch_pairs, manifest["share"])
+    if hashlib.sha256(json.dumps(plan).encode()).hexdigest() != manifest["plan_sha256"]:
+        raise RefdpoError(f"{parts}: this process planned other batches than the manifest; is the data the same "
+                          "on every node?")
+    scorer = (_vllm_scorer(cfg, data) if model is None else
+              lambda indices, shared: score_batch(model, data, indices, shared, pad_id, manifest["fused"]))
+
+    mine = [b for b in range(manifest["blocks"]) if b % state.num_processes == state.process_index
+            and not (parts / f"block-{b:06d}.npz").exists()]
+    tokens, seconds = shards.score_blocks(scorer, plan, mine, cfg.save_every, parts, data,
+                                    cfg.progress and state.is_main_process)
+    summary = {"out": str(out), "rows_in": len(raw), "pairs": len(data), **data.stats,
+               "blocks_scored_here": len(mine), "seconds": seconds, "tokens": tokens,
+               "tokens_per_s": tokens / seconds if seconds > 0 else None}
+    if not state.is_main_process:
+        return summary
+
+    shards.wait_for_blocks(parts, manifest["blocks"])
+    chosen, rejected, coverage = shards.merge_blocks(parts, manifest["blocks"], data, len(raw),
+                                                     state.num_processes)
+    records = [{**raw.records[row], columns[0]: float(chosen[row]), columns[1]: float(rejected[row])}
+               for row in np.sort(data.rows).tolist()]
+    write_records(records, out)
+    entry = _provenance_entry(cfg, model, tokenizer, rendered, raw, data, weights, dtype_name, manifest, coverage)
+    sidecar = _write_provenance(out, raw, records, columns, entry)
+    shutil.rmtree(parts, ignore_errors=True)
+    if cfg.push_to_hub:
+        push_to_hub(records, cfg.push_to_hub, cfg.split, cfg.dataset_config, sidecar)
+    return {**summary, "coverage": coverage, "provenance": str(sidecar), "format": output_format(out)}
+
+
+def _write_provenance(out: Path, raw: RawSplit, records: list[dict], columns: tuple[str, str],
+                      entry: dict) -> Path:
+    """The new entry, plus the input's other references (still valid for the rows kept)."""
+    conversations = prov.conversations_fingerprint(records)
+    entries = {}
+    for key, old in prov.read(raw.provenance).items():
+        if key != prov.column_key(columns):
+            entries[key] = {**old, "rows_out": len(records), "conversations_sha256": conversations}
+            if len(records) != len(raw):
+                entries[key]["rows_dropped_later"] = old.get("rows_dropped_later", 0) + len(raw) - len(records)
+    entries[prov.column_key(columns)] = {**entry, "conversations_sha256": conversations}
+    sidecar = prov.sidecar_path(out)
+    prov.write(sidecar, entries)
+    return sidecar
+
+
+def _provenance_entry(cfg: ScoreConfig, model, tokenizer, rendered: str, raw: RawSplit, data: PairData,
+                      weights: str | None, dtype: str, manifest: dict, coverage: dict) -> dict:
+    local = Path(cfg.model).exists()
+    prior = cfg.mode == "prior"
+    return {
+        "columns": list(parse_ref_columns(cfg.columns)), "refdpo_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": cfg.model, "model_path": str(Path(cfg.model).resolve()) if local else None,
+        "revision": cfg.revision, "commit": getattr(getattr(model, "config", None), "_commit_hash", None),
+        "weights_sha256": weights, "dtype": dtype, "backend": cfg.backend, "device_map": cfg.device_map,
+        "tokenizer": cfg.tokenizer or cfg.model, "tokenizer_sha256": prov.tokenizer_fingerprint(tokenizer),
+        "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
+        "template": cfg.template, "insert_eos": cfg.template == "zephyr",
+        "template_sha256": prov.template_fingerprint(rendered, tokenizer, cfg.prior_prefix if prior else None),
+        "mode": cfg.mode, "prior_prefix": cfg.prior_prefix if prior else None,
+        "max_len": cfg.max_len, "on_truncated": cfg.on_truncated,
+        "dataset": cfg.dataset, "dataset_config": cfg.dataset_config, "split": cfg.split, "source": raw.source,
+        "rows_in": len(raw), "rows_out": len(data), **{k: data.stats[k] for k in (
+            "dropped_truncated", "partially_truncated", "boundary_merges")},
+        "coverage": coverage, "layout": {"fused_head": manifest["fused"], "shared_prompt": manifest["share"]},
+    }

@@ -23,10 +23,12 @@ import torch
 from tqdm.auto import tqdm
 
 from refdpo import checkpoint as ckpt
+from refdpo import provenance as prov
 from refdpo.config import TrainConfig, save_yaml
 from refdpo.data import (
     PairData,
     PairSampler,
+    RawSplit,
     build_pairs,
     collate_pairs,
     load_split,
@@ -46,13 +48,38 @@ log = logging.getLogger(__name__)
 def load_pairs(cfg: TrainConfig, split: str, tokenizer, limit: int = 0) -> PairData:
     """Load, validate and tokenise one split as the config says."""
     raw = load_split(cfg.dataset, split, cfg.dataset_config, cfg.dataset_revision)
+    every_record = raw.records
     if limit:
         raw.records = raw.records[:limit]
         raw.line_numbers = raw.line_numbers[:limit] if raw.line_numbers else None
     ref_columns = parse_ref_columns(cfg.ref_columns) if cfg.objective.uses_reference else None
     data = build_pairs(raw, tokenizer, cfg.template, cfg.max_len, ref_columns, cfg.on_truncated)
     log.info("%s: %d pairs (%s)", data.source, len(data), ", ".join(f"{k} {v}" for k, v in data.stats.items()))
+    if ref_columns is not None:
+        _check_provenance(cfg, raw, data, tokenizer, every_record)
     return data
+
+
+def _check_provenance(cfg: TrainConfig, raw: RawSplit, data: PairData, tokenizer, records: list[dict]) -> None:
+    """Compare how the reference columns were scored (their provenance sidecar) with this run: warn, or with
+    --strict refuse, on what would make the stored log-probs mean something else than intended."""
+    columns = data.stats["ref_columns"]
+    entry = prov.read(raw.provenance).get(prov.column_key(columns))
+    if entry is None:
+        log.info("%s: no provenance for %s (not written by refdpo score): how they were scored is unchecked",
+                 raw.source, ",".join(columns))
+        return
+    longest = max(e.full_length for seqs in (data.chosen, data.rejected) for e in seqs)
+    warnings, notes = prov.training_report(entry, model=cfg.model, revision=cfg.revision, tokenizer=tokenizer,
+                                           template=cfg.template, max_len=cfg.max_len, rows=len(records),
+                                           longest=longest, conversations=prov.conversations_fingerprint(records))
+    for note in notes:
+        log.info("%s: %s", raw.source, note)
+    if warnings and cfg.strict:
+        raise ConfigError(f"{raw.source}: the reference log-probs do not match this run (--strict): "
+                          + "; ".join(warnings))
+    for warning in warnings:
+        log.warning("%s: %s (--strict refuses this)", raw.source, warning)
 
 
 def _run_dir(cfg: TrainConfig) -> Path:

@@ -61,7 +61,7 @@ def test_split_given_as_a_path(tmp_path):
 def test_single_file_dataset(tmp_path):
     write_jsonl(tmp_path / "pairs.jsonl", RECORDS)
     assert len(load_split(str(tmp_path / "pairs.jsonl"), "train")) == 5
-    with pytest.raises(DataError, match="single file, so split 'val' must be given as a path"):
+    with pytest.raises(DataError, match="single split, so split 'val' must be given as a path"):
         load_split(str(tmp_path / "pairs.jsonl"), "val")
 
 

@@ -4,7 +4,8 @@ Where a split lives, in the order tried:
   1. `split` is itself a file or `save_to_disk` folder: that is the split (`--val_split data/val.jsonl`).
   2. `dataset` is a folder: `save_to_disk` DatasetDict[split]; else a file named `{split}`, `{config}_{split}`
      or `{config}/{split}` with extension .jsonl/.json/.parquet (the RefDPO hub layout is `{config}_{split}.jsonl`).
-  3. `dataset` is a file: the training split (the validation split must then be named by path).
+  3. `dataset` is a file or a single (not DatasetDict) save_to_disk folder: the training split (the
+     validation split must then be named by path).
   4. otherwise a hub id: `datasets.load_dataset(dataset, config, split=split, revision=revision)`.
 JSON lines are parsed here rather than by `datasets` so a broken line is reported by file and line number.
 """
@@ -18,6 +19,17 @@ from pathlib import Path
 from refdpo.errors import DataError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+FOLDER_SIDECAR = "refdpo_provenance.json"
+
+
+def sidecar_path(data_path: str | Path, split: str | None = None) -> Path:
+    """Where the provenance (refdpo/provenance.py) of a dataset file or folder lives: `train.jsonl` ->
+    `train.jsonl.provenance.json` (so train.jsonl and train.parquet keep their own); a save_to_disk folder ->
+    inside it; a DatasetDict folder -> `{split}.provenance.json` inside it."""
+    path = Path(data_path)
+    if path.suffix in FILE_SUFFIXES:
+        return path.with_name(f"{path.name}.provenance.json")
+    return path / (f"{split}.provenance.json" if split is not None else FOLDER_SIDECAR)
 
 
 @dataclass
@@ -27,6 +39,7 @@ class RawSplit:
     records: list[dict]
     source: str
     line_numbers: list[int] | None = None  # 1-based line of each record in a JSON-lines file
+    provenance: Path | None = None  # where its provenance sidecar is (None for the hub)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -61,7 +74,7 @@ def read_jsonl(path: Path) -> RawSplit:
         for row, record in enumerate(records):
             if not isinstance(record, dict):
                 raise DataError(source, f"a record must be an object, got {type(record).__name__}", row=row)
-        return RawSplit(records, source)
+        return RawSplit(records, source, provenance=sidecar_path(path))
     records, lines = [], []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -76,7 +89,7 @@ def read_jsonl(path: Path) -> RawSplit:
                             row=len(records), line=lineno)
         records.append(record)
         lines.append(lineno)
-    return RawSplit(records, source, lines)
+    return RawSplit(records, source, lines, sidecar_path(path))
 
 
 def _from_datasets(ds, source: str) -> RawSplit:
@@ -91,15 +104,19 @@ def _read_path(path: Path, split: str) -> RawSplit:
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise DataError(str(path), f"split {split!r} not found; it has {', '.join(loaded)}")
-            return _from_datasets(loaded[split], f"{path}[{split}]")
-        return _from_datasets(loaded, str(path))
+            raw = _from_datasets(loaded[split], f"{path}[{split}]")
+            raw.provenance = sidecar_path(path, split)
+            return raw
+        raw = _from_datasets(loaded, str(path))
+        raw.provenance = sidecar_path(path)
+        return raw
     if path.suffix in (".jsonl", ".json"):
         return read_jsonl(path)
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         try:  # read directly: no cache files, no progress bar before an error message
-            return RawSplit(pq.read_table(path).to_pylist(), str(path))
+            return RawSplit(pq.read_table(path).to_pylist(), str(path), provenance=sidecar_path(path))
         except Exception as e:  # arrow raises many types; the user needs the file and the reason
             raise DataError(str(path), f"cannot read parquet: {e}") from None
     raise DataError(str(path), f"unsupported file type {path.suffix!r} (use {', '.join(FILE_SUFFIXES)} "
@@ -125,15 +142,15 @@ def load_split(dataset: str, split: str, config: str | None = None, revision: st
     if split_path.is_file() or _is_saved_dataset(split_path):
         return _read_path(split_path, split)
     path = Path(dataset)
-    if path.is_dir():
+    if path.is_dir() and not (_is_saved_dataset(path) and not (path / "dataset_dict.json").exists()):
         found = _find_in_folder(path, config, split)
         if found is None:
             raise DataError(str(path), f"no split {split!r} here: expected {split}.jsonl, {split}.parquet, "
                                        f"a save_to_disk folder, or pass the split's path")
         return _read_path(found, split)
-    if path.is_file():
+    if path.exists():  # a file, or one saved Dataset
         if split != "train":
-            raise DataError(str(path), f"is a single file, so split {split!r} must be given as a path "
+            raise DataError(str(path), f"holds a single split, so split {split!r} must be given as a path "
                                        f"(e.g. --val_split val.jsonl)")
         return _read_path(path, split)
     if path.suffix in FILE_SUFFIXES or dataset.startswith((".", "/")):

@@ -41,15 +41,17 @@ class PairData:
 
 
 def build_pairs(raw: RawSplit, tokenizer, template: str, max_len: int,
-                ref_columns: tuple[str, str] | None, on_truncated: str = "drop") -> PairData:
-    """Validate, render and tokenise a split. `ref_columns=None`: no reference log-probs are read."""
+                ref_columns: tuple[str, str] | None, on_truncated: str = "drop", validate: bool = True) -> PairData:
+    """Validate, render and tokenise a split. `ref_columns=None`: no reference log-probs are read.
+    `validate=False`: the records were derived from validated ones (prior mode's prompt-less conversations)."""
     if on_truncated not in ON_TRUNCATED:
         raise ValueError(f"on_truncated must be one of {ON_TRUNCATED}, got {on_truncated!r}")
     if not raw.records:
         raise DataError(raw.source, "has no records")
     if ref_columns is not None:
         ref_columns = resolve_ref_columns(raw.columns, ref_columns, raw.source)
-    validate_records(raw.records, raw.source, ref_columns, raw.line_of)
+    if validate:
+        validate_records(raw.records, raw.source, ref_columns, raw.line_of)
 
     prompts, fulls = [], []
     for row, record in enumerate(raw.records):

@@ -11,6 +11,12 @@ span `ids[response_start:]`): that is the quantity stored as `chosen_logprob`/`r
           without its final reply (with the generation prompt) ends. Trailing whitespace after the end
           token is dropped so the span ends at the end-of-turn token.
 
+Prior mode (`refdpo score --mode prior`) scores log p(y) with the prompt removed. What replaces the prompt is
+a choice (the paper does not say which it used), recorded in the provenance:
+  empty_user  the template with an empty user turn: `<|user|>\n<|assistant|>\n{y}</s>` for tulu (default)
+  assistant   the template with no turn before the reply: `<|assistant|>\n{y}</s>` for tulu
+  bos         no template at all: BOS, then y and EOS
+
 The whole text is tokenised at once, exactly as the model sees it, and the response start is the length of
 the tokenised prompt. If the tokenizer merges characters across that boundary (so the tokenised prompt is not
 a prefix of the tokenised conversation), the response starts at the first differing token: the merged token
@@ -27,6 +33,7 @@ import numpy as np
 from refdpo.errors import ConfigError
 
 TEMPLATES = ("tulu", "zephyr", "model")
+PRIOR_PREFIXES = ("empty_user", "assistant", "bos")
 _TOKENIZE_BATCH = 1024
 
 
@@ -78,15 +85,36 @@ def _chat_template(messages: Sequence[Mapping], tokenizer) -> tuple[str, str]:
 
 
 def render(messages: Sequence[Mapping], template: str, tokenizer) -> tuple[str, str]:
-    """(prompt_text, full_text) where full_text = prompt_text + final response + end token."""
+    """(prompt_text, full_text) where full_text = prompt_text + final response + end token.
+    Template "bos" (prior mode only) ignores every turn but the last: BOS + response + EOS."""
     if template == "model":
         return _chat_template(messages, tokenizer)
+    if template == "bos":
+        return tokenizer.bos_token, f"{tokenizer.bos_token}{messages[-1]['content'].strip()}{tokenizer.eos_token}"
     return _tulu(messages, tokenizer.eos_token, insert_eos=(template == "zephyr"))
 
 
+def prior_conversation(messages: Sequence[Mapping], prefix: str) -> list[Mapping]:
+    """The conversation whose final reply, scored conditionally, gives the prior log p(reply) (see above)."""
+    if prefix not in PRIOR_PREFIXES:
+        raise ConfigError(f"unknown prior prefix {prefix!r}; choose one of {', '.join(PRIOR_PREFIXES)}")
+    reply = messages[-1]
+    return [{"role": "user", "content": ""}, reply] if prefix == "empty_user" else [reply]
+
+
+def prior_template(template: str, prefix: str, tokenizer) -> str:
+    """The template that renders prior conversations: the given one, or "bos" for the bare BOS prefix."""
+    if prefix != "bos":
+        return template
+    if not tokenizer.bos_token or not tokenizer.eos_token:
+        raise ConfigError("--prior_prefix bos needs a tokenizer with BOS and EOS tokens; use --prior_prefix "
+                          "empty_user or assistant")
+    return "bos"
+
+
 def adds_special_tokens(template: str) -> bool:
-    """tulu/zephyr text gets the tokenizer's BOS; a chat template writes its own special tokens."""
-    return template != "model"
+    """tulu/zephyr text gets the tokenizer's BOS; a chat template (and "bos") writes its own special tokens."""
+    return template not in ("model", "bos")
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -130,18 +130,16 @@ def build_tiny(out: str | Path, train_pairs: int = 1024, val_pairs: int = 256, s
                template: str = "tulu", max_len: int = 512, force: bool = False,
                model_size: dict | None = None) -> Path:
     """Write out/model (tokenizer + random-init tiny Llama) and out/data/{train,val}.jsonl scored by that
-    model as its own reference. Built in a temporary folder and renamed into place when complete."""
-    from refdpo.data import build_pairs
-    from refdpo.data.loading import RawSplit
-    from refdpo.modeling import pad_token_id
-    from refdpo.score import score_pairs
+    model as its own reference with `refdpo score` (so with provenance). `tiny.json`, written last, marks the
+    folder complete; an incomplete one is rebuilt."""
+    from refdpo.score import ScoreConfig, score
 
     out = Path(out)
     if (out / "tiny.json").exists() and not force:
         return out
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "data").mkdir(parents=True)
+    (tmp / "raw").mkdir(parents=True)
 
     splits = {"train": synthetic_pairs(train_pairs, seed), "val": synthetic_pairs(val_pairs, seed + 10_000)}
     tokenizer = train_tokenizer(corpus(splits["train"]))
@@ -149,17 +147,18 @@ def build_tiny(out: str | Path, train_pairs: int = 1024, val_pairs: int = 256, s
     model.save_pretrained(tmp / "model")
     tokenizer.save_pretrained(tmp / "model")
     for name, records in splits.items():
-        data = build_pairs(RawSplit(records, name), tokenizer, template, max_len, ref_columns=None)
-        chosen, rejected = score_pairs(model, data, pad_token_id(tokenizer), batch_size=32)
-        for row, c, r in zip(data.rows, chosen, rejected):
-            records[row]["chosen_logprob"], records[row]["rejected_logprob"] = float(c), float(r)
-        _write_jsonl(tmp / "data" / f"{name}.jsonl", [records[row] for row in data.rows])
-    (tmp / "tiny.json").write_text(json.dumps({"train_pairs": train_pairs, "val_pairs": val_pairs, "seed": seed,
+        _write_jsonl(tmp / "raw" / f"{name}.jsonl", records)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    for name in splits:
+        score(ScoreConfig(model=str(out / "model"), dataset=str(out / "raw"), split=name,
+                          out=str(out / "data" / f"{name}.jsonl"), template=template, max_len=max_len,
+                          progress=False).validate())
+    shutil.rmtree(out / "raw")
+    (out / "tiny.json").write_text(json.dumps({"train_pairs": train_pairs, "val_pairs": val_pairs, "seed": seed,
                                                "template": template, "max_len": max_len,
                                                "parameters": sum(p.numel() for p in model.parameters()),
                                                "model_size": model_size or {},
                                                "reference": "model (the initial policy)"}, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
     return out

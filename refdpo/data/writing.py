@@ -1,0 +1,108 @@
+"""Write a split of records: JSON lines, parquet or a `save_to_disk` folder (by the path's suffix), atomically.
+
+A reader never sees half a file: the data goes to a temporary sibling that is renamed over the target (a
+folder is swapped in with two renames). JSON numbers are written by `json` (shortest round-trip repr), so the
+same records always give the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from refdpo.errors import RefdpoError
+
+FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+
+
+def output_format(path: str | Path) -> str:
+    """jsonl, parquet, or arrow (a save_to_disk folder: any path without a data-file suffix)."""
+    return FORMATS.get(Path(path).suffix, "arrow")
+
+
+def _columns(records: list[dict]) -> list[str]:
+    """Every field of every record, in first-seen order (arrow would take the first record's fields only)."""
+    return list(dict.fromkeys(key for record in records for key in record))
+
+
+def _table(records: list[dict]):
+    """The records as an arrow table; a field arrow cannot type is a one-line error before anything is written."""
+    import pyarrow as pa
+
+    columns = _columns(records)
+    try:
+        return pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in records])
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise RefdpoError(f"cannot store these records as parquet/arrow: {str(e).splitlines()[0]} (a field "
+                          "with mixed types?); write .jsonl instead") from None
+
+
+def check_writable(records: list[dict], path: str | Path) -> None:
+    """Fail before a long job when its records could not be written to `path`'s format."""
+    if output_format(path) != "jsonl":
+        _table(records)
+
+
+def write_records(records: list[dict], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kind = output_format(path)
+    if kind == "arrow":
+        _write_folder(records, path)
+        return
+    # A temporary sibling opened normally (not mkstemp, whose 0600 mode would make the output private).
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if kind == "jsonl":
+            with open(tmp, "w", encoding="utf-8") as f:
+                for record in records:
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            import pyarrow.parquet as pq
+
+            pq.write_table(_table(records), tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_folder(records: list[dict], path: Path) -> None:
+    import datasets
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        datasets.Dataset(_table(records)).save_to_disk(str(tmp))
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def push_to_hub(records: list[dict], repo_id: str, split: str, config_name: str | None,
+                sidecar: Path | None) -> None:
+    """Upload the split (and its provenance sidecar, as `{config}_{split}.provenance.json`) to the Hub."""
+    import datasets
+
+    try:
+        datasets.Dataset(_table(records)).push_to_hub(repo_id, config_name=config_name or "default", split=split)
+        if sidecar is not None and sidecar.exists():
+            from huggingface_hub import HfApi
+
+            name = f"{config_name}_{split}" if config_name else split
+            HfApi().upload_file(path_or_fileobj=str(sidecar), path_in_repo=f"{name}.provenance.json",
+                                repo_id=repo_id, repo_type="dataset")
+    except Exception as e:  # auth, network, name: one line for the user; the local output is already written
+        raise RefdpoError(f"--push_to_hub {repo_id}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                          " (the local output was written)") from None

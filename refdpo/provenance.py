@@ -1,0 +1,161 @@
+"""Provenance of stored reference log-probs: what scored them, how, and whether training matches (DESIGN.md §3).
+
+`refdpo score` writes a JSON sidecar beside its output, one entry per reference column pair (a dataset may hold
+several references):
+  data.jsonl (data.parquet)   ->  data.jsonl.provenance.json (data.parquet.provenance.json)
+  save_to_disk folder         ->  folder/refdpo_provenance.json
+An entry records the reference (model id, revision, resolved commit, a fingerprint of its weight files, dtype,
+backend), its tokenizer (a fingerprint of the whole tokenizer), the template (name, insert_eos, a fingerprint
+of a rendered and tokenised probe conversation), the mode (conditional | prior, and the prior's prefix), max_len
+and the truncation policy, and the rows scored.
+
+`train` compares what it can: a fingerprint says whether the reference *is* the policy, and a shared tokenizer
+makes template and max_len comparable. Mismatches are warnings, or errors with --strict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from refdpo.checkpoint import atomic_write_json
+from refdpo.data.loading import sidecar_path  # noqa: F401  (re-exported: where sidecars live)
+from refdpo.data.templates import prior_conversation, render, tokenize_rendered
+from refdpo.errors import ConfigError
+
+log = logging.getLogger(__name__)
+_PROBE = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Say hi, then stop."},
+          {"role": "assistant", "content": "Hi!"}]
+_EDGE_BYTES = 1 << 20
+
+
+def read(sidecar: Path | None) -> dict[str, dict]:
+    """{"chosen_col,rejected_col": entry}; empty when there is no sidecar."""
+    if sidecar is None or not sidecar.is_file():
+        return {}
+    try:
+        return json.loads(sidecar.read_text())["references"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConfigError(f"{sidecar}: not a refdpo provenance file ({e})") from None
+
+
+def write(sidecar: Path, entries: dict[str, dict]) -> None:
+    atomic_write_json(sidecar, {"format": "refdpo-provenance/1", "references": entries})
+
+
+def column_key(columns: tuple[str, str] | list[str]) -> str:
+    return ",".join(columns)
+
+
+def weights_fingerprint(model: str, revision: str | None = None) -> str | None:
+    """sha256 over the names, sizes and first and last MiB of the weight files (headers and real values: a
+    fine-tune differs from its base) — cheap even for 70B. None when the files cannot be found locally."""
+    folder = Path(model)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(model, revision=revision, local_files_only=True,
+                                            allow_patterns=["*.safetensors", "*.bin"]))
+        except Exception:  # not cached, or not a hub id: nothing to fingerprint
+            return None
+    files = sorted(p for pattern in ("*.safetensors", "*.bin") for p in folder.glob(pattern))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as f:
+            digest.update(f.read(_EDGE_BYTES))
+            if size > 2 * _EDGE_BYTES:
+                f.seek(size - _EDGE_BYTES)
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+def conversations_fingerprint(records: list[dict]) -> str:
+    """sha256 of every row's chosen and rejected conversations, in order (other columns may come and go)."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps([record.get("chosen"), record.get("rejected")], sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the whole tokenizer (vocabulary, merges, normaliser), its special tokens and chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = json.dumps([tokenizer.bos_token, tokenizer.eos_token, getattr(tokenizer, "chat_template", None)])
+    return hashlib.sha256((body + extra).encode()).hexdigest()
+
+
+def template_fingerprint(template: str, tokenizer, prior_prefix: str | None = None) -> str:
+    """sha256 of a probe conversation rendered and tokenised as scoring does (text, BOS, EOS, boundary)."""
+    messages = _PROBE if prior_prefix is None else prior_conversation(_PROBE, prior_prefix)
+    if template == "model":
+        messages = messages[1:] if prior_prefix is None else messages  # not every chat template takes a system turn
+    try:
+        prompt, full = render(messages, template, tokenizer)
+    except Exception as e:  # the template cannot render the probe: record that instead
+        return f"unrenderable: {type(e).__name__}"
+    encoded, _ = tokenize_rendered([prompt], [full], tokenizer, template, 1 << 30)
+    ids = encoded[0].input_ids.tolist()
+    return hashlib.sha256(json.dumps([template, ids, encoded[0].response_start]).encode()).hexdigest()
+
+
+def is_same_model(entry: dict, model: str, revision: str | None, fingerprint: str | None) -> bool | None:
+    """Is the entry's reference this model? None when it cannot be told."""
+    stored = entry.get("weights_sha256")
+    if stored and fingerprint:
+        return stored == fingerprint
+    if Path(model).exists():
+        return entry.get("model_path") == str(Path(model).resolve())
+    if entry.get("model") == model:
+        return entry.get("revision") == revision
+    return None
+
+
+def training_report(entry: dict, *, model: str, revision: str | None, tokenizer, template: str, max_len: int,
+                    rows: int, longest: int, conversations: str | None = None) -> tuple[list[str], list[str]]:
+    """(warnings, notes) comparing how a column pair was scored with how it is about to be used.
+
+    `rows`: rows in the split now; `longest`: its longest tokenised sequence under the training tokenizer;
+    `conversations`: the split's conversations_fingerprint."""
+    warnings, notes = [], []
+    fingerprint = weights_fingerprint(model, revision)
+    same = is_same_model(entry, model, revision, fingerprint)
+    where = f"reference {entry.get('model')!r} ({entry.get('mode', 'conditional')}"
+    where += f", prefix {entry['prior_prefix']})" if entry.get("mode") == "prior" else ")"
+    if same:
+        notes.append(f"{where} is the policy itself")
+    elif same is None:
+        notes.append(f"{where}: cannot tell whether it is the policy")
+    else:
+        notes.append(f"{where} is not the policy")
+        if entry.get("model") == model or entry.get("model_path") == str(Path(model).resolve()):
+            warnings.append(f"the reference was scored with {model!r}, whose weights have changed since "
+                            "(their fingerprint differs)")
+    same_tokenizer = entry.get("tokenizer_sha256") == tokenizer_fingerprint(tokenizer)
+    if same or same_tokenizer:  # template and max_len are comparable only with the same tokenizer
+        scored = entry.get("template")
+        if entry.get("mode") != "prior" and scored != template:
+            warnings.append(f"scored with template {scored!r} (insert_eos {scored == 'zephyr'}) but training "
+                            f"uses {template!r} (insert_eos {template == 'zephyr'})")
+        elif entry.get("mode") != "prior" and entry.get("template_sha256") != template_fingerprint(template,
+                                                                                                  tokenizer):
+            warnings.append(f"template {template!r} renders differently now than when the data was scored "
+                            "(chat template or special tokens changed)")
+        scored_len = entry.get("max_len")
+        if scored_len is not None and scored_len != max_len and longest > min(scored_len, max_len):
+            warnings.append(f"scored with max_len {scored_len} but training uses {max_len}, and some sequences "
+                            f"({longest} tokens) are longer than the smaller: those log-probs cover other spans")
+    if entry.get("rows_out") is not None and entry["rows_out"] != rows:
+        warnings.append(f"{entry['rows_out']} rows were scored but the split now has {rows}: the data changed "
+                        "after scoring")
+    elif conversations and entry.get("conversations_sha256") not in (None, conversations):
+        warnings.append("the split's conversations changed after scoring (same row count, other content or "
+                        "order)")
+    return warnings, notes
