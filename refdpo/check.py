@@ -15,6 +15,7 @@ Exit status 1 when a value is invalid or the recomputation disagrees, 0 otherwis
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from refdpo import provenance as prov
 from refdpo.checkpoint import atomic_write_json
 from refdpo.config import DataSpec, ModelSpec, check_all, option
 from refdpo.data import PairData, RawSplit, build_pairs, collate_pairs, load_split, parse_ref_columns
+from refdpo.data.pairs import reference_pairs
 from refdpo.data.schema import DEFAULT_REF_COLUMNS, POSITIVE_TOLERANCE, TRL_REF_COLUMNS
 from refdpo.data.templates import TEMPLATES, Encoded, check_template
 from refdpo.logprobs import response_token_logprobs
@@ -188,8 +190,8 @@ def _recompute(cfg: CheckConfig, raw: RawSplit, columns: tuple[str, str], entry:
     sub = RawSplit([raw.records[i] for i in rows], raw.source, [raw.line_of(i) for i in rows]
                    if raw.line_numbers else None)
     if entry and entry.get("mode") == "prior":
-        from refdpo.score import reference_pairs
-
+        # A prior reference is rendered its own way, not with the policy's template: verify what it claims.
+        cfg = dataclasses.replace(cfg, template=entry["template"], max_len=entry["max_len"])
         data, _ = reference_pairs(sub, tokenizer, cfg.template, cfg.max_len, "drop", "prior", entry["prior_prefix"])
         data.ref_chosen = np.array([sub.records[i][columns[0]] for i in data.rows], dtype=np.float64)
         data.ref_rejected = np.array([sub.records[i][columns[1]] for i in data.rows], dtype=np.float64)

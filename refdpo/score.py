@@ -41,15 +41,14 @@ from refdpo.config import DataSpec, ModelSpec, check_all, option
 from refdpo.data import (
     PairData,
     RawSplit,
-    build_pairs,
     collate_pairs,
     load_split,
     parse_ref_columns,
     to_device,
 )
 from refdpo.data.collate import collate_shared, shares_prompt
-from refdpo.data.schema import validate_records
-from refdpo.data.templates import PRIOR_PREFIXES, check_template, prior_conversation, prior_template
+from refdpo.data.pairs import reference_pairs
+from refdpo.data.templates import PRIOR_PREFIXES, check_template
 from refdpo.data.writing import check_writable, output_format, push_to_hub, write_records
 from refdpo.errors import ConfigError, RefdpoError
 from refdpo.logprobs import head_matches_model, sequence_logprobs, token_logprobs_at
@@ -104,22 +103,6 @@ def _column_names(spec: str) -> tuple[str, str]:
         return parse_ref_columns(spec)
     except RefdpoError:
         raise ConfigError(f"--columns expects two column names CHOSEN,REJECTED, got {spec!r}") from None
-
-
-# --- tokenised pairs for the reference --------------------------------------------------------------------
-
-def reference_pairs(raw: RawSplit, tokenizer, template: str, max_len: int, on_truncated: str,
-                    mode: str = "conditional", prior_prefix: str = "empty_user") -> tuple[PairData, str]:
-    """The pairs as the reference sees them (its tokenizer and template; prior mode: prompt replaced), and the
-    template actually rendered ("bos" for a bare-BOS prior)."""
-    if mode == "conditional":
-        return build_pairs(raw, tokenizer, template, max_len, None, on_truncated), template
-    validate_records(raw.records, raw.source, None, raw.line_of)  # the original prompts, before they go
-    rendered = prior_template(template, prior_prefix, tokenizer)
-    prior = [{"chosen": prior_conversation(r["chosen"], prior_prefix),
-              "rejected": prior_conversation(r["rejected"], prior_prefix)} for r in raw.records]
-    view = RawSplit(prior, raw.source, raw.line_numbers)
-    return build_pairs(view, tokenizer, rendered, max_len, None, on_truncated, validate=False), rendered
 
 
 # --- batches ------------------------------------------------------------------------------------------

@@ -19,10 +19,11 @@ from helpers import REPO, run_cli, train_config
 
 from refdpo.check import CheckConfig, check
 from refdpo.data import build_pairs, collate_pairs, load_split
+from refdpo.data.pairs import reference_pairs
 from refdpo.errors import ConfigError
 from refdpo.logprobs import reference_logprobs_float64
 from refdpo.modeling import load_tokenizer, pad_token_id
-from refdpo.score import ScoreConfig, reference_pairs, score
+from refdpo.score import ScoreConfig, score
 from refdpo.train import train
 
 LN2 = math.log(2)
@@ -250,3 +251,12 @@ def test_train_warns_on_a_provenance_mismatch_and_strict_refuses(tiny_setup, tmp
     train(train_config(tiny_setup, tmp_path / "lenient", template="zephyr", max_train_pairs=8))
     assert any("insert_eos" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
     assert any("is the policy itself" in r.getMessage() for r in caplog.records)
+
+
+def test_check_recomputes_a_prior_reference_with_its_own_rendering(tiny_setup, tmp_path):
+    score(score_cfg(tiny_setup, tmp_path / "prior.jsonl", split="val", mode="prior", prior_prefix="assistant"))
+    # The policy trains with zephyr; the prior reference was rendered with tulu's assistant header: not an error.
+    report = check(CheckConfig(dataset=str(tmp_path / "prior.jsonl"), model=str(tiny_setup / "model"),
+                               template="zephyr", max_len=512, sample=16).validate())
+    recompute = report["columns"]["chosen_logprob,rejected_logprob"]["recompute"]
+    assert not report["errors"] and recompute["max_abs_diff"] < 1e-4 and recompute["template"] == "tulu"

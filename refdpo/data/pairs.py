@@ -14,7 +14,7 @@ import numpy as np
 
 from refdpo.data.loading import RawSplit
 from refdpo.data.schema import resolve_ref_columns, validate_records
-from refdpo.data.templates import Encoded, render, tokenize_rendered
+from refdpo.data.templates import Encoded, prior_conversation, prior_template, render, tokenize_rendered
 from refdpo.errors import DataError, DataErrors
 
 log = logging.getLogger(__name__)
@@ -108,3 +108,17 @@ def build_pairs(raw: RawSplit, tokenizer, template: str, max_len: int,
     return PairData(chosen=[encoded[2 * i] for i in keep], rejected=[encoded[2 * i + 1] for i in keep],
                     ref_chosen=ref_c, ref_rejected=ref_r, rows=np.asarray(keep, dtype=np.int64),
                     source=raw.source, stats=stats)
+
+
+def reference_pairs(raw: RawSplit, tokenizer, template: str, max_len: int, on_truncated: str,
+                    mode: str = "conditional", prior_prefix: str = "empty_user") -> tuple[PairData, str]:
+    """The pairs as the reference sees them (its tokenizer and template; prior mode: prompt replaced), and the
+    template actually rendered ("bos" for a bare-BOS prior)."""
+    if mode == "conditional":
+        return build_pairs(raw, tokenizer, template, max_len, None, on_truncated), template
+    validate_records(raw.records, raw.source, None, raw.line_of)  # the original prompts, before they go
+    rendered = prior_template(template, prior_prefix, tokenizer)
+    prior = [{"chosen": prior_conversation(r["chosen"], prior_prefix),
+              "rejected": prior_conversation(r["rejected"], prior_prefix)} for r in raw.records]
+    view = RawSplit(prior, raw.source, raw.line_numbers)
+    return build_pairs(view, tokenizer, rendered, max_len, None, on_truncated, validate=False), rendered
