@@ -78,7 +78,7 @@ def load_policy(cfg, device: torch.device) -> torch.nn.Module:
 
 
 def inference_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bfloat16 on a GPU that has it, else float32 (CPUs gain nothing from bf16 here and lose accuracy)."""
+    """auto: bfloat16 on a GPU that has it, else float32 (on a CPU, the exactness the float64 checks assume)."""
     if name == "auto":
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if bf16 else torch.float32

@@ -167,4 +167,17 @@ def _load_hub(dataset: str, config: str | None, split: str, revision: str | None
     except Exception as e:  # offline, unknown id, unknown config/split: all reach the user as one line
         raise DataError(source, f"cannot load from the Hugging Face Hub: {type(e).__name__}: "
                                 f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    return _from_datasets(ds, source)
+    raw = _from_datasets(ds, source)
+    raw.provenance = _hub_sidecar(dataset, config, split, revision)
+    return raw
+
+
+def _hub_sidecar(dataset: str, config: str | None, split: str, revision: str | None) -> Path | None:
+    """The provenance `refdpo score --push_to_hub` uploads beside a split, if the repo has one."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        name = f"{config}_{split}" if config else split
+        return Path(hf_hub_download(dataset, f"{name}.provenance.json", repo_type="dataset", revision=revision))
+    except Exception:  # no sidecar (most datasets), or offline: nothing to compare
+        return None
