@@ -3,6 +3,7 @@
   refdpo train [--config FILE.yaml] [--field value ...]   DPO and variants from stored reference log-probs
   refdpo score --model REF --dataset D --split S --out OUT  reference log-probs (conditional or prior) for D
   refdpo check --dataset D [--model M]                      statistics of stored log-probs; recompute a sample
+  refdpo evaluate --model CKPT[,CKPT...] --dataset D         validation loss and accuracies, one table
   refdpo tiny --out DIR                                    a tiny offline model + synthetic dataset to try it on
 
 Errors caused by input (config, data, paths) are printed as one line per problem and exit with status 2.
@@ -79,6 +80,19 @@ def _check(argv: list[str]) -> int:
     return 1 if report["errors"] else 0
 
 
+def _evaluate(argv: list[str]) -> int:
+    from refdpo.config import parse_args
+    from refdpo.evaluate import EvalConfig, evaluate, format_table
+
+    cfg = parse_args(EvalConfig, argv, "refdpo evaluate", "Validation DPO loss, reward and policy accuracy (ties "
+                     "count 0.5), margins, log-probs and lengths of one or more checkpoints, as one table.",
+                     ignore_unknown_yaml=True)
+    rows = evaluate(cfg)
+    if _is_main_process():
+        print(format_table(rows))
+    return 0
+
+
 def _tiny(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="refdpo tiny", description="Build a tiny offline setup: a "
                                      "tokenizer and random-init Llama (OUT/model) and synthetic pairs in the "
@@ -109,7 +123,7 @@ def _tiny(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "score": _score, "check": _check, "tiny": _tiny}
+COMMANDS = {"train": _train, "score": _score, "check": _check, "evaluate": _evaluate, "tiny": _tiny}
 
 
 def main(argv: list[str] | None = None) -> None:

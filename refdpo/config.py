@@ -74,7 +74,33 @@ def check_all(checks: list[tuple[bool, str]]) -> None:
 
 
 @dataclass
-class TrainConfig(DataSpec, ModelSpec):
+class ObjectiveSpec:
+    """The objective, its KL strength and which stored reference it compares with (train and evaluate)."""
+
+    loss: str = option("dpo", f"objective: {' | '.join(OBJECTIVES)}")
+    beta: float = option(0.1, "KL strength beta (SimPO: reward scale)")
+    ref_free: bool = option(False, "reference-free: the reference term is 0 (the paper's posterior reward)")
+    label_smoothing: float = option(0.0, "cDPO label-flip probability (loss cdpo)")
+    simpo_gamma: float = option(0.5, "SimPO target margin gamma")
+    dpo_weight: float = option(1.0, "constant factor on the loss (seed's --dpo_weight)")
+    ref_columns: str = option("chosen_logprob,rejected_logprob", "reference log-prob columns CHOSEN,REJECTED")
+
+    @property
+    def objective(self) -> Objective:
+        return Objective(self.loss, self.beta, self.ref_free, self.label_smoothing, self.simpo_gamma,
+                         self.dpo_weight)
+
+    def objective_checks(self) -> list[tuple[bool, str]]:
+        return [
+            (self.loss in OBJECTIVES, f"--loss must be one of {', '.join(OBJECTIVES)}"),
+            (self.beta > 0 and math.isfinite(self.beta), "--beta must be a positive number"),
+            (0 <= self.label_smoothing < 0.5, "--label_smoothing must be in [0, 0.5)"),
+            (self.loss != "cdpo" or self.label_smoothing > 0, "--loss cdpo needs --label_smoothing > 0"),
+        ]
+
+
+@dataclass
+class TrainConfig(ObjectiveSpec, DataSpec, ModelSpec):
     # model (and ModelSpec's fields)
     dtype: str = option("float32", "dtype the weights are loaded in: float32 (master weights for mixed "
                                "precision), bfloat16, float16")
@@ -88,18 +114,10 @@ class TrainConfig(DataSpec, ModelSpec):
     # data (and DataSpec's fields)
     train_split: str = option("train", "training split name, or a path to its file")
     val_split: str = option("val", "validation split name or path; empty to train without evaluation")
-    ref_columns: str = option("chosen_logprob,rejected_logprob", "reference log-prob columns CHOSEN,REJECTED")
     max_train_pairs: int = option(0, "use only the first N training pairs (0: all)")
     max_val_pairs: int = option(0, "use only the first N validation pairs (0: all)")
     strict: bool = option(False, "refuse to train when the data's provenance disagrees with this config (template, "
                              "max_len, rows); without it such mismatches are warnings")
-    # objective
-    loss: str = option("dpo", f"objective: {' | '.join(OBJECTIVES)}")
-    beta: float = option(0.1, "KL strength beta (SimPO: reward scale)")
-    ref_free: bool = option(False, "reference-free: the reference term is 0 (the paper's posterior reward)")
-    label_smoothing: float = option(0.0, "cDPO label-flip probability (loss cdpo)")
-    simpo_gamma: float = option(0.5, "SimPO target margin gamma")
-    dpo_weight: float = option(1.0, "constant factor on the loss (seed's --dpo_weight)")
     # optimisation
     epochs: int = option(3, "passes over the training split (seed: --epoch)")
     batch_size: int = option(4, "pairs per device per micro-batch")
@@ -124,21 +142,12 @@ class TrainConfig(DataSpec, ModelSpec):
 
     # --- derived views -------------------------------------------------------------------------------
     @property
-    def objective(self) -> Objective:
-        return Objective(self.loss, self.beta, self.ref_free, self.label_smoothing, self.simpo_gamma,
-                         self.dpo_weight)
-
-    @property
     def trackers(self) -> list[str]:
         names = [t.strip() for t in self.report_to.split(",") if t.strip()]
         return [] if names in ([], ["none"]) else names
 
     def validate(self) -> TrainConfig:
-        check_all(self.spec_checks() + [
-            (self.loss in OBJECTIVES, f"--loss must be one of {', '.join(OBJECTIVES)}"),
-            (self.beta > 0 and math.isfinite(self.beta), "--beta must be a positive number"),
-            (0 <= self.label_smoothing < 0.5, "--label_smoothing must be in [0, 0.5)"),
-            (self.loss != "cdpo" or self.label_smoothing > 0, "--loss cdpo needs --label_smoothing > 0"),
+        check_all(self.spec_checks() + self.objective_checks() + [
             (self.dtype in ("float32", "bfloat16", "float16"), "--dtype must be float32, bfloat16 or float16"),
             (self.mixed_precision in (None, "no", "bf16", "fp16"), "--mixed_precision must be no, bf16 or fp16"),
             (min(self.epochs, self.batch_size, self.accumulate_step, self.report_freq,
