@@ -4,6 +4,7 @@
   refdpo score --model REF --dataset D --split S --out OUT  reference log-probs (conditional or prior) for D
   refdpo check --dataset D [--model M]                      statistics of stored log-probs; recompute a sample
   refdpo evaluate --model CKPT[,CKPT...] --dataset D         validation loss and accuracies, one table
+  refdpo generate --model CKPT --prompts alpaca_eval|FILE     AlpacaEval-format outputs + degeneration counts
   refdpo tiny --out DIR                                    a tiny offline model + synthetic dataset to try it on
 
 Errors caused by input (config, data, paths) are printed as one line per problem and exit with status 2.
@@ -93,6 +94,17 @@ def _evaluate(argv: list[str]) -> int:
     return 0
 
 
+def _generate(argv: list[str]) -> int:
+    from refdpo.config import parse_args
+    from refdpo.generate import GenerateConfig, generate, summary_line
+
+    cfg = parse_args(GenerateConfig, argv, "refdpo generate", "Answer AlpacaEval's prompts (or a file's) in the "
+                     "training template, greedy by default; AlpacaEval JSON plus length and degeneration counts.")
+    stats = generate(cfg)
+    print(f"{summary_line(stats)}; wrote {cfg.out}")
+    return 0
+
+
 def _tiny(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="refdpo tiny", description="Build a tiny offline setup: a "
                                      "tokenizer and random-init Llama (OUT/model) and synthetic pairs in the "
@@ -123,7 +135,8 @@ def _tiny(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "score": _score, "check": _check, "evaluate": _evaluate, "tiny": _tiny}
+COMMANDS = {"train": _train, "score": _score, "check": _check, "evaluate": _evaluate, "generate": _generate,
+            "tiny": _tiny}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from refdpo.data.pairs import ON_TRUNCATED
-from refdpo.data.templates import TEMPLATES
+from refdpo.data.templates import DEFAULT_TEMPLATE, TEMPLATES
 from refdpo.errors import ConfigError
 from refdpo.objectives import OBJECTIVES, Objective
 
@@ -52,7 +52,7 @@ class DataSpec:
     dataset_config: str | None = option(None, "hub config, e.g. mistral, tulu2, mistral_prior, mistralv2, llama3 "
                                           "(seed: --data_split)")
     dataset_revision: str | None = option(None, "dataset revision on the hub")
-    template: str = option("tulu", f"chat format: {' | '.join(TEMPLATES)} (seed --insert_eos = zephyr)")
+    template: str = option(DEFAULT_TEMPLATE, f"chat format: {' | '.join(TEMPLATES)} (seed --insert_eos = zephyr)")
     max_len: int = option(2048, "tokens per sequence; longer sequences are truncated at the end")
     on_truncated: str = option("drop", f"pairs whose response is truncated away: {' | '.join(ON_TRUNCATED)}")
 
@@ -63,6 +63,28 @@ class DataSpec:
             (self.template in TEMPLATES, f"--template must be one of {', '.join(TEMPLATES)}"),
             (self.on_truncated in ON_TRUNCATED, f"--on_truncated must be one of {', '.join(ON_TRUNCATED)}"),
             (self.max_len > 1, "--max_len must be > 1"),
+        ]
+
+
+BACKENDS = ("hf", "vllm")
+
+
+@dataclass
+class InferenceSpec:
+    """How a frozen model runs (shared by score and generate)."""
+
+    dtype: str = option("auto", "auto (bfloat16 on a GPU that has it, else float32) | float32 | bfloat16 | float16")
+    device_map: str | None = option(None, "auto: spread one model too large for a GPU over all GPUs (one process)")
+    backend: str = option("hf", f"{' | '.join(BACKENDS)} (vllm: needs the vllm package)")
+    tensor_parallel_size: int = option(1, "GPUs per model with --backend vllm")
+
+    def inference_checks(self) -> list[tuple[bool, str]]:
+        return [
+            (self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}"),
+            (self.dtype in ("auto", "float32", "bfloat16", "float16"),
+             "--dtype must be auto, float32, bfloat16 or float16"),
+            (self.device_map in (None, "auto"), "--device_map takes auto"),
+            (self.tensor_parallel_size >= 1, "--tensor_parallel_size must be >= 1"),
         ]
 
 

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from refdpo import __version__, shards
 from refdpo import provenance as prov
-from refdpo.config import DataSpec, ModelSpec, check_all, option
+from refdpo.config import DataSpec, InferenceSpec, ModelSpec, check_all, option
 from refdpo.data import (
     PairData,
     RawSplit,
@@ -57,21 +57,16 @@ from refdpo.modeling import inference_dtype, load_frozen, load_tokenizer, pad_to
 log = logging.getLogger(__name__)
 MODES = ("conditional", "prior")
 PAD_MULTIPLE = 8  # collate_pairs/collate_shared pad widths to a multiple of 8
-BACKENDS = ("hf", "vllm")
 
 
 @dataclass
-class ScoreConfig(DataSpec, ModelSpec):
+class ScoreConfig(InferenceSpec, DataSpec, ModelSpec):
     split: str = option("train", "split name, or a path to its file")
     out: str = option("", "output: a .jsonl or .parquet file, or a folder (save_to_disk)")
     columns: str = option("chosen_logprob,rejected_logprob", "names of the two columns to write CHOSEN,REJECTED "
                                                          "(several references can live in one dataset)")
     mode: str = option("conditional", "conditional: log p(y|x); prior: log p(y), the prompt replaced by --prior_prefix")
     prior_prefix: str = option("empty_user", f"what precedes y in prior mode: {' | '.join(PRIOR_PREFIXES)}")
-    dtype: str = option("auto", "auto (bfloat16 on a GPU that has it, else float32) | float32 | bfloat16 | float16")
-    device_map: str | None = option(None, "auto: spread one model too large for a GPU over all GPUs (one process)")
-    backend: str = option("hf", f"{' | '.join(BACKENDS)} (vllm: needs the vllm package)")
-    tensor_parallel_size: int = option(1, "GPUs per model with --backend vllm")
     batch_tokens: int = option(0, "padded tokens per forward pass, setting the batch size per length bucket (0: "
                                   "16384 on a GPU, 2048 on a CPU, where bigger batches only add attention cost)")
     max_batch_pairs: int = option(64, "pairs per forward pass at most")
@@ -86,14 +81,9 @@ class ScoreConfig(DataSpec, ModelSpec):
             (bool(self.out), "--out is required (a .jsonl/.parquet file or a folder)"),
             (self.mode in MODES, f"--mode must be one of {', '.join(MODES)}"),
             (self.prior_prefix in PRIOR_PREFIXES, f"--prior_prefix must be one of {', '.join(PRIOR_PREFIXES)}"),
-            (self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}"),
-            (self.dtype in ("auto", "float32", "bfloat16", "float16"),
-             "--dtype must be auto, float32, bfloat16 or float16"),
-            (self.device_map in (None, "auto"), "--device_map takes auto"),
             (self.batch_tokens >= 0, "--batch_tokens must be >= 0 (0: by device)"),
-            (min(self.max_batch_pairs, self.save_every, self.tensor_parallel_size) >= 1,
-             "--max_batch_pairs, --save_every and --tensor_parallel_size must be >= 1"),
-        ])
+            (min(self.max_batch_pairs, self.save_every) >= 1, "--max_batch_pairs and --save_every must be >= 1"),
+        ] + self.inference_checks())
         _column_names(self.columns)
         return self
 

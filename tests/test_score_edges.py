@@ -446,8 +446,7 @@ def test_cli_prompts_that_differ_are_one_line(tiny_setup, val_records, tmp_path,
     ([], "--out is required (a .jsonl/.parquet file or a folder)"),
     (["--out", "OUT", "--prior_prefix", "nothing"], "--prior_prefix must be one of empty_user, assistant, bos"),
     (["--out", "OUT", "--batch_tokens", "-1"], "--batch_tokens must be >= 0 (0: by device)"),
-    (["--out", "OUT", "--save_every", "0"], "--max_batch_pairs, --save_every and --tensor_parallel_size must be "
-                                            ">= 1"),
+    (["--out", "OUT", "--save_every", "0"], "--max_batch_pairs and --save_every must be >= 1"),
 ])
 def test_cli_bad_settings_are_one_line(extra, message, tiny_setup, tmp_path, capsys):
     out = tmp_path / "out.jsonl"

@@ -33,6 +33,7 @@ import numpy as np
 from refdpo.errors import ConfigError
 
 TEMPLATES = ("tulu", "zephyr", "model")
+DEFAULT_TEMPLATE = "tulu"  # RefDPO's format
 PRIOR_PREFIXES = ("empty_user", "assistant", "bos")
 _TOKENIZE_BATCH = 1024
 
