@@ -5,6 +5,7 @@
   refdpo check --dataset D [--model M]                      statistics of stored log-probs; recompute a sample
   refdpo evaluate --model CKPT[,CKPT...] --dataset D         validation loss and accuracies, one table
   refdpo generate --model CKPT --prompts alpaca_eval|FILE     AlpacaEval-format outputs + degeneration counts
+  refdpo judge OUTPUTS.json [...] [--table evaluate.json]     AlpacaEval 2 length-controlled win rates
   refdpo tiny --out DIR                                    a tiny offline model + synthetic dataset to try it on
 
 Errors caused by input (config, data, paths) are printed as one line per problem and exit with status 2.
@@ -105,6 +106,21 @@ def _generate(argv: list[str]) -> int:
     return 0
 
 
+def _judge(argv: list[str]) -> int:
+    from refdpo.config import parse_args
+    from refdpo.judge import JudgeConfig, judge
+    from refdpo.tables import markdown
+
+    files = []  # `refdpo judge a.json b.json --out DIR`: leading paths are the outputs to judge
+    while argv and not argv[0].startswith("-"):
+        files.append(argv.pop(0))
+    argv = (["--outputs", ",".join(files)] if files else []) + argv
+    rows = judge(parse_args(JudgeConfig, argv, "refdpo judge", "AlpacaEval 2 win rates of refdpo generate "
+                            "outputs (needs the alpaca_eval package and the judge's API key)."))
+    print(markdown(rows))
+    return 0
+
+
 def _tiny(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="refdpo tiny", description="Build a tiny offline setup: a "
                                      "tokenizer and random-init Llama (OUT/model) and synthetic pairs in the "
@@ -136,7 +152,7 @@ def _tiny(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": _train, "score": _score, "check": _check, "evaluate": _evaluate, "generate": _generate,
-            "tiny": _tiny}
+            "judge": _judge, "tiny": _tiny}
 
 
 def main(argv: list[str] | None = None) -> None:

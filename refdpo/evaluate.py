@@ -7,9 +7,7 @@ checkpoint), reward accuracy and policy accuracy (Table 2), margins, mean log-pr
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from refdpo.checkpoint import atomic_write_json, atomic_write_text
 from refdpo.config import DataSpec, ModelSpec, ObjectiveSpec, check_all, option
 from refdpo.data import (
     PairData,
@@ -33,6 +30,7 @@ from refdpo.logprobs import head_matches_model, sequence_logprobs
 from refdpo.metrics import PairStats
 from refdpo.modeling import load_frozen, load_tokenizer, pad_token_id
 from refdpo.objectives import Objective
+from refdpo.tables import markdown, write_tables
 
 
 def forward_pairs(model, batch: dict, objective: Objective, fused: bool = True) -> dict[str, torch.Tensor]:
@@ -132,27 +130,10 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
         rows.append({"model": name, "checkpoint": path, **{k: metrics[k] for k in TABLE_COLUMNS}})
         del model
     if cfg.out and accelerator.is_main_process:
-        write_table(rows, Path(cfg.out), {"config": dataclasses.asdict(cfg)})
+        write_tables(rows, Path(cfg.out), "evaluate", {"config": dataclasses.asdict(cfg)})
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
     """Markdown: one row per checkpoint."""
-    head = ["model", *TABLE_COLUMNS]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        cells = [row["model"]] + [f"{row[k]:.4f}" if isinstance(row[k], float) else str(row[k])
-                                  for k in TABLE_COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def write_table(rows: list[dict], out: Path, extra: dict) -> None:
-    """out/evaluate.md, .csv and .json, each written atomically."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "evaluate.csv", buffer.getvalue())
-    atomic_write_text(out / "evaluate.md", format_table(rows) + "\n")
-    atomic_write_json(out / "evaluate.json", {"rows": rows, **extra})
+    return markdown(rows, ["model", *TABLE_COLUMNS])
