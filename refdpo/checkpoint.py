@@ -118,3 +118,9 @@ def latest_resumable(run_dir: Path) -> Path | None:
     candidates = sorted(p for p in folder.glob("step-*") if (p / STATE).is_dir() and (p / TRAINER_STATE).is_file()) \
         if folder.is_dir() else []
     return candidates[-1] if candidates else None
+
+
+def model_path(path: str) -> str:
+    """A run folder (with best/last links) stands for its best checkpoint; anything else is loaded as given."""
+    best = resolve(Path(path), "best") if (Path(path) / CHECKPOINTS).is_dir() else None
+    return str(best) if best else path

@@ -6,6 +6,7 @@
   refdpo evaluate --model CKPT[,CKPT...] --dataset D         validation loss and accuracies, one table
   refdpo generate --model CKPT --prompts alpaca_eval|FILE     AlpacaEval-format outputs + degeneration counts
   refdpo judge OUTPUTS.json [...] [--table evaluate.json]     AlpacaEval 2 length-controlled win rates
+  refdpo analyze tokens --models CKPT... --reference REF --dataset D   token-level log-prob shifts, EOS
   refdpo tiny --out DIR                                    a tiny offline model + synthetic dataset to try it on
 
 Errors caused by input (config, data, paths) are printed as one line per problem and exit with status 2.
@@ -121,6 +122,28 @@ def _judge(argv: list[str]) -> int:
     return 0
 
 
+def _analyze(argv: list[str]) -> int:
+    from refdpo.analysis import AnalyzeConfig, analyze
+    from refdpo.config import parse_args
+    from refdpo.errors import ConfigError
+
+    if not argv or argv[0] != "tokens":
+        raise ConfigError("usage: refdpo analyze tokens --models CKPT [CKPT ...] --reference REF --dataset D")
+    argv, models = argv[1:], []
+    if "--models" in argv:  # --models A B C: the paths up to the next flag
+        at = argv.index("--models")
+        end = next((k for k in range(at + 1, len(argv)) if argv[k].startswith("-")), len(argv))
+        models, argv = argv[at + 1:end], argv[:at] + argv[end:]
+    argv = (["--model", ",".join(models)] if models else []) + argv
+    cfg = parse_args(AnalyzeConfig, argv, "refdpo analyze tokens", "The paper's token-level analysis: per-token "
+                     "log-prob differences to the reference (Figs. 1-2) and the end token (Fig. 3).")
+    result = analyze(cfg)
+    names = result["token_names"]
+    print(f"{len(names)} token types, {result['end_tokens']} end tokens; most down-weighted: "
+          + ", ".join(repr(names[t]) for t in result["top_tokens"][:5]) + f"; plots and tables in {cfg.out}")
+    return 0
+
+
 def _tiny(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="refdpo tiny", description="Build a tiny offline setup: a "
                                      "tokenizer and random-init Llama (OUT/model) and synthetic pairs in the "
@@ -152,7 +175,7 @@ def _tiny(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": _train, "score": _score, "check": _check, "evaluate": _evaluate, "generate": _generate,
-            "judge": _judge, "tiny": _tiny}
+            "judge": _judge, "analyze": _analyze, "tiny": _tiny}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from refdpo.checkpoint import model_path
 from refdpo.config import DataSpec, ModelSpec, ObjectiveSpec, check_all, option
 from refdpo.data import (
     PairData,
@@ -92,14 +93,6 @@ TABLE_COLUMNS = ("pairs", "loss", "reward_accuracy", "policy_accuracy", "margin"
                  "reward_rejected", "logp_chosen", "logp_rejected", "length_chosen", "length_rejected")
 
 
-def _checkpoint(path: str) -> str:
-    """A run folder (with best/last links) means its best checkpoint; anything else is loaded as given."""
-    from refdpo.checkpoint import resolve
-
-    best = resolve(Path(path), "best") if (Path(path) / "checkpoints").is_dir() else None
-    return str(best) if best else path
-
-
 def evaluate(cfg: EvalConfig) -> list[dict]:
     """Validation metrics of every checkpoint in --model on one split: one row each, in the given order.
 
@@ -113,7 +106,7 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     accelerator = Accelerator()
     rows = []
     for name in cfg.models:
-        path = _checkpoint(name)
+        path = model_path(name)
         spec = dataclasses.replace(cfg, model=path)
         tokenizer = load_tokenizer(cfg.tokenizer or path, cfg.revision, cfg.trust_remote_code)
         check_template(cfg.template, tokenizer)

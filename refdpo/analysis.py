@@ -1,0 +1,212 @@
+"""`refdpo analyze tokens`: the paper's token-level analysis (Liu et al. §4.3 and §5, Figs. 1-3).
+
+For every response token of a split (chosen and rejected, teacher-forced), the per-position log-prob
+difference of Eq. 8, log p_theta(y_i | x, y_<i) - log p_ref(y_i | x, y_<i), is averaged per vocabulary token.
+  Fig. 1  token_histogram.png: the distribution of those per-token averages (fraction of token types per bin,
+          log-scale y), one curve per policy;
+  Fig. 2  top_tokens.png: the k most down-weighted tokens among those seen at least `min_count` times, ranked
+          by their mean difference over the policies, one bar per policy;
+  Fig. 3  eos.png: the end token (the last response token, EOS or end-of-turn; sequences cut by max_len are
+          left out): "value", its mean log-prob under each policy, and "difference", the mean over pairs of
+          its log-prob after the chosen minus after the rejected response.
+Every number plotted is also written: tokens.csv, histogram.csv, top_tokens.csv, eos.csv and analysis.json.
+The reference and the policies must share a tokenizer (the differences are per token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from refdpo.checkpoint import model_path
+from refdpo.config import DataSpec, ModelSpec, check_all, option
+from refdpo.data import PairData, build_pairs, collate_pairs, load_split, to_device
+from refdpo.data.templates import check_template
+from refdpo.logprobs import prediction_mask, response_token_logprobs
+from refdpo.modeling import load_frozen, load_tokenizer, pad_token_id
+from refdpo.tables import write_tables
+
+
+@dataclass
+class AnalyzeConfig(DataSpec, ModelSpec):
+    reference: str = option("", "the reference (SFT) model the policies are compared with")
+    split: str = option("val", "split name, or a path to its file")
+    out: str = option("analysis", "folder for the plots and tables")
+    min_count: int = option(100, "Fig. 2 ranks tokens seen at least this many times")
+    top_k: int = option(10, "tokens in Fig. 2")
+    bins: int = option(60, "histogram bins (Fig. 1)")
+    max_pairs: int = option(0, "use only the first N pairs (0: all)")
+    batch_size: int = option(8, "pairs per forward pass")
+
+    def validate(self) -> AnalyzeConfig:
+        check_all(self.spec_checks() + [
+            (bool(self.reference), "--reference is required"),
+            (min(self.min_count, self.top_k, self.bins, self.batch_size) >= 1,
+             "--min_count, --top_k, --bins and --batch_size must be >= 1"),
+        ])
+        return self
+
+
+@dataclass
+class TokenLogprobs:
+    """Every response position of a split: its target token, log-prob, side and pair, and whether it is the
+    sequence's end token (the last response token of an untruncated sequence)."""
+
+    targets: np.ndarray  # int64 [M]
+    logprobs: np.ndarray  # float64 [M]
+    side: np.ndarray  # int8 [M]: 0 chosen, 1 rejected
+    pair: np.ndarray  # int64 [M]
+    is_end: np.ndarray  # bool [M]
+
+
+@torch.inference_mode()
+def token_logprobs(model: torch.nn.Module, data: PairData, pad_id: int, batch_size: int = 8) -> TokenLogprobs:
+    device = model.get_input_embeddings().weight.device
+    parts: dict[str, list] = {k: [] for k in ("targets", "logprobs", "side", "pair", "is_end")}
+    for lo in range(0, len(data), batch_size):
+        idx = np.arange(lo, min(lo + batch_size, len(data)))
+        b = to_device(collate_pairs(data, idx, np.ones(len(idx)), pad_id), device)
+        lp = response_token_logprobs(model, b["input_ids"], b["attention_mask"], b["position_ids"],
+                                     b["response_start"], b["lengths"])
+        mask = prediction_mask(b["response_start"], b["lengths"], b["input_ids"].shape[1])
+        rows, cols = mask.nonzero(as_tuple=True)
+        n = len(idx)
+        seqs = [data.chosen[i] for i in idx] + [data.rejected[i] for i in idx]
+        untruncated = torch.tensor([s.full_length == len(s.input_ids) for s in seqs], device=device)
+        parts["targets"].append(b["input_ids"].roll(-1, dims=1)[rows, cols].cpu().numpy())
+        parts["logprobs"].append(lp[rows, cols].double().cpu().numpy())
+        parts["side"].append((rows >= n).to(torch.int8).cpu().numpy())
+        parts["pair"].append(idx[(rows % n).cpu().numpy()])
+        parts["is_end"].append(((cols == b["lengths"][rows] - 2) & untruncated[rows]).cpu().numpy())
+    return TokenLogprobs(**{k: np.concatenate(v) for k, v in parts.items()})
+
+
+def per_token_means(diff: np.ndarray, targets: np.ndarray, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean difference, count) per vocabulary token (NaN where a token never occurs)."""
+    counts = np.bincount(targets, minlength=vocab)
+    sums = np.bincount(targets, weights=diff, minlength=vocab)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan), counts
+
+
+def analyze_tokens(policies: dict[str, torch.nn.Module], reference: torch.nn.Module, data: PairData,
+                   tokenizer, pad_id: int, min_count: int = 100, top_k: int = 10, bins: int = 60,
+                   batch_size: int = 8) -> dict:
+    """Figs. 1-3 as numbers (see the module docstring)."""
+    ref = token_logprobs(reference, data, pad_id, batch_size)
+    vocab = int(max(len(tokenizer), ref.targets.max() + 1))
+    means, counts, eos = {}, None, []
+    ref_end = ref.logprobs[ref.is_end]
+    eos.append(_eos_row("reference", ref, ref_end))
+    for name, model in policies.items():
+        pol = token_logprobs(model, data, pad_id, batch_size)
+        means[name], counts = per_token_means(pol.logprobs - ref.logprobs, ref.targets, vocab)
+        eos.append(_eos_row(name, pol, pol.logprobs[pol.is_end]))
+    seen = counts > 0
+    stacked = np.stack([means[n] for n in policies])
+    lo, hi = float(np.nanmin(stacked[:, seen])), float(np.nanmax(stacked[:, seen]))
+    edges = np.linspace(min(lo, -1e-6), max(hi, 1e-6), bins + 1)
+    histogram = {name: np.histogram(means[name][seen], bins=edges)[0] / seen.sum() for name in policies}
+    frequent = np.nonzero(counts >= min_count)[0]
+    order = frequent[np.argsort(stacked[:, frequent].mean(axis=0), kind="stable")][:top_k]
+    names = {int(t): tokenizer.decode([int(t)]) for t in np.nonzero(seen)[0]}  # readable, specials kept
+    return {"policies": list(policies), "means": means, "counts": counts, "token_names": names,
+            "histogram": {"edges": edges, "fractions": histogram}, "top_tokens": [int(t) for t in order],
+            "eos": eos, "end_tokens": int(ref.is_end.sum())}
+
+
+def _eos_row(name: str, tl: TokenLogprobs, end_lp: np.ndarray) -> dict:
+    """Fig. 3's two statistics from the end-token log-probs of one model."""
+    end_pairs, end_side = tl.pair[tl.is_end], tl.side[tl.is_end]
+    chosen = dict(zip(end_pairs[end_side == 0].tolist(), end_lp[end_side == 0]))
+    rejected = dict(zip(end_pairs[end_side == 1].tolist(), end_lp[end_side == 1]))
+    both = sorted(set(chosen) & set(rejected))
+    return {"model": name, "eos_value": float(end_lp.mean()) if end_lp.size else float("nan"),
+            "eos_difference": float(np.mean([chosen[p] - rejected[p] for p in both])) if both else float("nan"),
+            "sequences": int(end_lp.size), "pairs": len(both)}
+
+
+def write_analysis(result: dict, out: Path) -> None:
+    """The CSV/JSON tables and the three PNGs."""
+    out.mkdir(parents=True, exist_ok=True)
+    policies, means, counts, names = result["policies"], result["means"], result["counts"], result["token_names"]
+    token_rows = [{"token_id": t, "token": names[t], "count": int(counts[t]),
+                   **{f"mean_diff[{p}]": float(means[p][t]) for p in policies}} for t in sorted(names)]
+    write_tables(token_rows, out, "tokens")
+    edges = result["histogram"]["edges"]
+    hist_rows = [{"bin_lo": float(edges[i]), "bin_hi": float(edges[i + 1]),
+                  **{f"fraction[{p}]": float(result["histogram"]["fractions"][p][i]) for p in policies}}
+                 for i in range(len(edges) - 1)]
+    write_tables(hist_rows, out, "histogram")
+    top_rows = [{"rank": k + 1, "token_id": t, "token": names[t], "count": int(counts[t]),
+                 **{f"mean_diff[{p}]": float(means[p][t]) for p in policies}}
+                for k, t in enumerate(result["top_tokens"])]
+    write_tables(top_rows, out, "top_tokens")
+    write_tables(result["eos"], out, "eos")
+    _plot(result, token_rows, hist_rows, top_rows, out)
+
+
+def _plot(result: dict, token_rows, hist_rows, top_rows, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    policies = result["policies"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    centers = [(r["bin_lo"] + r["bin_hi"]) / 2 for r in hist_rows]
+    for p in policies:
+        ax.step(centers, [r[f"fraction[{p}]"] for r in hist_rows], where="mid", label=p)
+    ax.set(yscale="log", xlabel="log-probability difference (policy - reference), mean per token",
+           ylabel="ratio of token types", title="Fig. 1: per-token log-prob differences")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "token_histogram.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 0.4 * max(len(top_rows), 3) + 1.5))
+    height = 0.8 / max(len(policies), 1)
+    for j, p in enumerate(policies):
+        ax.barh([k + j * height for k in range(len(top_rows))], [r[f"mean_diff[{p}]"] for r in top_rows],
+                height=height, label=p)
+    ax.set_yticks([k + 0.4 - height / 2 for k in range(len(top_rows))], [repr(r["token"]) for r in top_rows])
+    ax.invert_yaxis()
+    ax.set(xlabel="mean log-probability difference", title="Fig. 2: most down-weighted tokens")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "top_tokens.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    rows = result["eos"]
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [r["eos_value"] for r in rows], width=0.4, label="value")
+    ax.bar(x + 0.2, [r["eos_difference"] for r in rows], width=0.4, label="difference (chosen - rejected)")
+    ax.set_xticks(x, [r["model"] for r in rows], rotation=20, fontsize=7)
+    ax.set(ylabel="log-probability", title="Fig. 3: the end token")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "eos.png", dpi=120)
+    plt.close(fig)
+
+
+def analyze(cfg: AnalyzeConfig) -> dict:
+    """Load the reference and every policy in --model (comma-separated) and write the analysis to --out."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.reference, cfg.revision, cfg.trust_remote_code)
+    check_template(cfg.template, tokenizer)
+    raw = load_split(cfg.dataset, cfg.split, cfg.dataset_config, cfg.dataset_revision)
+    if cfg.max_pairs:
+        raw.records = raw.records[:cfg.max_pairs]
+    data = build_pairs(raw, tokenizer, cfg.template, cfg.max_len, None, cfg.on_truncated)
+    reference = load_frozen(dataclasses.replace(cfg, model=model_path(cfg.reference)), device, torch.float32)
+    policies = {m.strip(): load_frozen(dataclasses.replace(cfg, model=model_path(m.strip())), device,
+                                       torch.float32) for m in cfg.model.split(",") if m.strip()}
+    result = analyze_tokens(policies, reference, data, tokenizer, pad_token_id(tokenizer), cfg.min_count,
+                            cfg.top_k, cfg.bins, cfg.batch_size)
+    write_analysis(result, Path(cfg.out))
+    return result
