@@ -7,6 +7,7 @@
   refdpo generate --model CKPT --prompts alpaca_eval|FILE     AlpacaEval-format outputs + degeneration counts
   refdpo judge OUTPUTS.json [...] [--table evaluate.json]     AlpacaEval 2 length-controlled win rates
   refdpo analyze tokens --models CKPT... --reference REF --dataset D   token-level log-prob shifts, EOS
+  refdpo sweep --grid GRID.yaml [--dry-run]                  a grid of runs, evaluated into one table
   refdpo tiny --out DIR                                    a tiny offline model + synthetic dataset to try it on
 
 Errors caused by input (config, data, paths) are printed as one line per problem and exit with status 2.
@@ -144,6 +145,24 @@ def _analyze(argv: list[str]) -> int:
     return 0
 
 
+def _sweep(argv: list[str]) -> int:
+    from refdpo.sweep import dry_run, load_grid, sweep
+    from refdpo.tables import markdown
+
+    parser = argparse.ArgumentParser(prog="refdpo sweep", description="Train every point of a grid (beta x "
+                                     "objective x reference ...), evaluate each best checkpoint, one table.")
+    parser.add_argument("--grid", required=True, help="grid YAML (see configs/sweeps/)")
+    parser.add_argument("--dry-run", "--dry_run", action="store_true",
+                        help="print one `accelerate launch` command per run instead of running")
+    args = parser.parse_args(argv)
+    spec = load_grid(args.grid)
+    if args.dry_run:
+        print("\n".join(dry_run(spec)))
+        return 0
+    print(markdown(sweep(spec)))
+    return 0
+
+
 def _tiny(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="refdpo tiny", description="Build a tiny offline setup: a "
                                      "tokenizer and random-init Llama (OUT/model) and synthetic pairs in the "
@@ -175,7 +194,7 @@ def _tiny(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": _train, "score": _score, "check": _check, "evaluate": _evaluate, "generate": _generate,
-            "judge": _judge, "analyze": _analyze, "tiny": _tiny}
+            "judge": _judge, "analyze": _analyze, "sweep": _sweep, "tiny": _tiny}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -45,18 +45,25 @@ from refdpo.modeling import load_policy, load_tokenizer, pad_token_id
 log = logging.getLogger(__name__)
 
 
-def load_pairs(cfg: TrainConfig, split: str, tokenizer, limit: int = 0) -> PairData:
-    """Load, validate and tokenise one split as the config says."""
+def load_pairs(cfg: TrainConfig, split: str, tokenizer, limit: int = 0, cache: dict | None = None) -> PairData:
+    """Load, validate and tokenise one split as the config says. With `cache` (a sweep's), a split tokenised
+    the same way for an earlier run is reused."""
+    ref_columns = parse_ref_columns(cfg.ref_columns) if cfg.objective.uses_reference else None
+    key = (cfg.dataset, cfg.dataset_config, cfg.dataset_revision, split, limit, cfg.tokenizer or cfg.model,
+           cfg.template, cfg.max_len, cfg.on_truncated, ref_columns)
+    if cache is not None and key in cache:
+        return cache[key]
     raw = load_split(cfg.dataset, split, cfg.dataset_config, cfg.dataset_revision)
     every_record = raw.records
     if limit:
         raw.records = raw.records[:limit]
         raw.line_numbers = raw.line_numbers[:limit] if raw.line_numbers else None
-    ref_columns = parse_ref_columns(cfg.ref_columns) if cfg.objective.uses_reference else None
     data = build_pairs(raw, tokenizer, cfg.template, cfg.max_len, ref_columns, cfg.on_truncated)
     log.info("%s: %d pairs (%s)", data.source, len(data), ", ".join(f"{k} {v}" for k, v in data.stats.items()))
     if ref_columns is not None:
         _check_provenance(cfg, raw, data, tokenizer, every_record)
+    if cache is not None:
+        cache[key] = data
     return data
 
 
@@ -136,8 +143,9 @@ def _train_step(model, optimizer, accelerator, micro_batches, valid: int, data: 
     return grad_norm
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train as configured; returns a summary (run folder, best step and validation loss, last metrics)."""
+def train(cfg: TrainConfig, data_cache: dict | None = None) -> dict:
+    """Train as configured; returns a summary (run folder, best step and validation loss, last metrics).
+    `data_cache`: tokenised splits shared across the runs of a sweep (see load_pairs)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
@@ -166,8 +174,8 @@ def train(cfg: TrainConfig) -> dict:
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.revision, cfg.trust_remote_code)
     check_template(cfg.template, tokenizer)
     pad_id = pad_token_id(tokenizer)
-    train_data = load_pairs(cfg, cfg.train_split, tokenizer, cfg.max_train_pairs)
-    val_data = load_pairs(cfg, cfg.val_split, tokenizer, cfg.max_val_pairs) if cfg.val_split else None
+    train_data = load_pairs(cfg, cfg.train_split, tokenizer, cfg.max_train_pairs, data_cache)
+    val_data = load_pairs(cfg, cfg.val_split, tokenizer, cfg.max_val_pairs, data_cache) if cfg.val_split else None
 
     model = load_policy(cfg, device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.max_lr,
