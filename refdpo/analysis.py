@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from refdpo.checkpoint import model_path
 from refdpo.config import DataSpec, ModelSpec, check_all, option
@@ -64,10 +65,11 @@ class TokenLogprobs:
 
 
 @torch.inference_mode()
-def token_logprobs(model: torch.nn.Module, data: PairData, pad_id: int, batch_size: int = 8) -> TokenLogprobs:
+def token_logprobs(model: torch.nn.Module, data: PairData, pad_id: int, batch_size: int = 8,
+                   desc: str = "log-probs") -> TokenLogprobs:
     device = model.get_input_embeddings().weight.device
     parts: dict[str, list] = {k: [] for k in ("targets", "logprobs", "side", "pair", "is_end")}
-    for lo in range(0, len(data), batch_size):
+    for lo in tqdm(range(0, len(data), batch_size), desc=desc, dynamic_ncols=True, leave=False):
         idx = np.arange(lo, min(lo + batch_size, len(data)))
         b = to_device(collate_pairs(data, idx, np.ones(len(idx)), pad_id), device)
         lp = response_token_logprobs(model, b["input_ids"], b["attention_mask"], b["position_ids"],
@@ -97,13 +99,13 @@ def analyze_tokens(policies: dict[str, torch.nn.Module], reference: torch.nn.Mod
                    tokenizer, pad_id: int, min_count: int = 100, top_k: int = 10, bins: int = 60,
                    batch_size: int = 8) -> dict:
     """Figs. 1-3 as numbers (see the module docstring)."""
-    ref = token_logprobs(reference, data, pad_id, batch_size)
+    ref = token_logprobs(reference, data, pad_id, batch_size, "reference")
     vocab = int(max(len(tokenizer), ref.targets.max() + 1))
     means, counts, eos = {}, None, []
     ref_end = ref.logprobs[ref.is_end]
     eos.append(_eos_row("reference", ref, ref_end))
     for name, model in policies.items():
-        pol = token_logprobs(model, data, pad_id, batch_size)
+        pol = token_logprobs(model, data, pad_id, batch_size, name)
         means[name], counts = per_token_means(pol.logprobs - ref.logprobs, ref.targets, vocab)
         eos.append(_eos_row(name, pol, pol.logprobs[pol.is_end]))
     seen = counts > 0

@@ -85,15 +85,15 @@ def sweep(spec: dict) -> list[dict]:
     """Train (or resume, or skip) every run, evaluate each best checkpoint, write the results table."""
     from refdpo.train import train
 
-    out, rows, data_cache = Path(spec["out"]), [], {}
-    for k, (name, overrides) in enumerate(runs(spec), start=1):
+    out, rows, data_cache, grid = Path(spec["out"]), [], {}, runs(spec)
+    for k, (name, overrides) in enumerate(grid, start=1):
         cfg = run_config(spec, name, overrides)
         run_dir = Path(cfg.output_dir)
         if (run_dir / "summary.json").exists():
-            log.info("sweep run %d: %s is finished; not redone", k, name)
+            log.info("sweep run %d of %d: %s is finished; not redone", k, len(grid), name)
         else:
             resume = resolve(run_dir, "last") is not None
-            log.info("sweep run %d: %s (%s)", k, name, "resuming" if resume else "starting")
+            log.info("sweep run %d of %d: %s (%s)", k, len(grid), name, "resuming" if resume else "starting")
             train(TrainConfig(**{**cfg.to_dict(), "resume": resume}).validate(), data_cache)
         summary = json.loads((run_dir / "summary.json").read_text())
         rows.append(_result_row(spec, name, overrides, cfg, summary))
