@@ -132,8 +132,9 @@ def _generate_row(spec: dict, run_dir: Path, best: str, template: str) -> dict:
     outputs = run_dir / "outputs.json"
     stats_path = run_dir / "outputs.stats.json"
     if not stats_path.exists():
-        generate(GenerateConfig(model=best, out=str(outputs), template=template,
-                                generator=run_dir.name, **spec["generate"]).validate())
+        settings = coerce_fields(dict(spec["generate"]), "sweep grid: generate", GenerateConfig)
+        generate(GenerateConfig(**{"template": template, **settings, "model": best, "out": str(outputs),
+                                   "generator": run_dir.name}).validate())
     stats = json.loads(stats_path.read_text())
     row = {"length_mean": stats["length_tokens"]["mean"], "degenerate": stats["degenerate"]}
     if spec.get("judge"):

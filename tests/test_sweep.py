@@ -72,3 +72,18 @@ def test_dry_run_and_bad_grids(tiny_setup, tmp_path):
         bad.write_text(yaml.safe_dump(spec))
         with pytest.raises(ConfigError, match=message):
             load_grid(bad)
+
+
+def test_a_sweep_can_generate_for_each_run(tiny_setup, tmp_path):
+    from refdpo.sweep import sweep
+
+    grid, out = _grid(tiny_setup, tmp_path)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"instruction": "Why do people like bees?"}\n{"instruction": "Say hi."}\n')
+    spec = load_grid(grid)
+    spec["grid"] = [{"beta": [0.1]}]
+    spec["generate"] = {"prompts": str(prompts), "max_new_tokens": 8}
+    (row,) = sweep(spec)
+    outputs = json.loads((out / "beta0.1" / "outputs.json").read_text())
+    assert [o["generator"] for o in outputs] == ["beta0.1", "beta0.1"]
+    assert row["length_mean"] <= 8 and 0 <= row["degenerate"] <= 2
