@@ -27,8 +27,10 @@ from refdpo.checkpoint import model_path
 from refdpo.config import DataSpec, ModelSpec, check_all, option
 from refdpo.data import PairData, build_pairs, collate_pairs, load_split, to_device
 from refdpo.data.templates import check_template
+from refdpo.errors import ConfigError
 from refdpo.logprobs import prediction_mask, response_token_logprobs
 from refdpo.modeling import load_frozen, load_tokenizer, pad_token_id
+from refdpo.provenance import tokenizer_fingerprint
 from refdpo.tables import write_tables
 
 
@@ -205,9 +207,15 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     if cfg.max_pairs:
         raw.records = raw.records[:cfg.max_pairs]
     data = build_pairs(raw, tokenizer, cfg.template, cfg.max_len, None, cfg.on_truncated)
+    names = [m.strip() for m in cfg.model.split(",") if m.strip()]
+    for name in names:  # per-token differences need one vocabulary
+        theirs = load_tokenizer(model_path(name), cfg.revision, cfg.trust_remote_code)
+        if not cfg.tokenizer and tokenizer_fingerprint(theirs) != tokenizer_fingerprint(tokenizer):
+            raise ConfigError(f"{name} has another tokenizer than the reference {cfg.reference}: token-level "
+                              "differences need one vocabulary")
     reference = load_frozen(dataclasses.replace(cfg, model=model_path(cfg.reference)), device, torch.float32)
-    policies = {m.strip(): load_frozen(dataclasses.replace(cfg, model=model_path(m.strip())), device,
-                                       torch.float32) for m in cfg.model.split(",") if m.strip()}
+    policies = {name: load_frozen(dataclasses.replace(cfg, model=model_path(name)), device, torch.float32)
+                for name in names}
     result = analyze_tokens(policies, reference, data, tokenizer, pad_token_id(tokenizer), cfg.min_count,
                             cfg.top_k, cfg.bins, cfg.batch_size)
     write_analysis(result, Path(cfg.out))

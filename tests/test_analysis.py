@@ -82,3 +82,14 @@ def test_analyze_cli(tiny_setup, tmp_path):
     assert (tmp_path / "a" / "eos.png").exists() and "token types" in done.stdout
     bad = run_cli(["analyze", "--models", "x"])
     assert bad.returncode == 2 and "usage: refdpo analyze tokens" in bad.stderr
+
+
+def test_analyze_refuses_a_policy_with_another_tokenizer(tiny_setup, tmp_path):
+    from refdpo.testbed.tiny import corpus, synthetic_pairs, tiny_llama, train_tokenizer
+
+    other_tok = train_tokenizer(corpus(synthetic_pairs(100, seed=5)), vocab_size=300)
+    tiny_llama(other_tok, seed=1).save_pretrained(tmp_path / "other")
+    other_tok.save_pretrained(tmp_path / "other")
+    done = run_cli(["analyze", "tokens", "--models", str(tmp_path / "other"), "--reference",
+                    str(tiny_setup / "model"), "--dataset", str(tiny_setup / "data"), "--out", str(tmp_path / "a")])
+    assert done.returncode == 2 and "another tokenizer" in done.stderr
