@@ -29,7 +29,7 @@ from refdpo.data import PairData, build_pairs, collate_pairs, load_split, to_dev
 from refdpo.data.templates import check_template
 from refdpo.errors import ConfigError
 from refdpo.logprobs import prediction_mask, response_token_logprobs
-from refdpo.modeling import load_frozen, load_tokenizer, pad_token_id
+from refdpo.modeling import input_device, load_frozen, load_tokenizer, pad_token_id
 from refdpo.provenance import tokenizer_fingerprint
 from refdpo.tables import write_tables
 
@@ -69,7 +69,7 @@ class TokenLogprobs:
 @torch.inference_mode()
 def token_logprobs(model: torch.nn.Module, data: PairData, pad_id: int, batch_size: int = 8,
                    desc: str = "log-probs") -> TokenLogprobs:
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     parts: dict[str, list] = {k: [] for k in ("targets", "logprobs", "side", "pair", "is_end")}
     for lo in tqdm(range(0, len(data), batch_size), desc=desc, dynamic_ncols=True, leave=False):
         idx = np.arange(lo, min(lo + batch_size, len(data)))

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 
 from refdpo import provenance as prov
+from refdpo.analysis import token_logprobs
 from refdpo.checkpoint import atomic_write_json
 from refdpo.config import DataSpec, ModelSpec, check_all, option
-from refdpo.data import PairData, RawSplit, build_pairs, collate_pairs, load_split, parse_ref_columns
+from refdpo.data import PairData, RawSplit, build_pairs, load_split, parse_ref_columns
 from refdpo.data.pairs import reference_pairs
 from refdpo.data.schema import DEFAULT_REF_COLUMNS, POSITIVE_TOLERANCE, TRL_REF_COLUMNS
 from refdpo.data.templates import TEMPLATES, Encoded, check_template
-from refdpo.logprobs import response_token_logprobs
 from refdpo.modeling import load_frozen, load_tokenizer, pad_token_id
 
 WEAK_LENGTH_CORRELATION = -0.3
@@ -108,21 +108,12 @@ def _pairs_to_check(raw: RawSplit, cfg: CheckConfig, entries: dict) -> list[tupl
     return [pair for pair in (DEFAULT_REF_COLUMNS, TRL_REF_COLUMNS) if set(pair) <= cols] or [DEFAULT_REF_COLUMNS]
 
 
-@torch.inference_mode()
-def _response_logprobs(model, data: PairData, pad_id: int, batch: int = 8) -> list[np.ndarray]:
-    """Per-token response log-probs (float32 -> float64) of every chosen, then every rejected sequence."""
-    out: list[np.ndarray] = [np.empty(0)] * (2 * len(data))
-    device = model.get_input_embeddings().weight.device
-    for lo in range(0, len(data), batch):
-        idx = np.arange(lo, min(lo + batch, len(data)))
-        b = {k: v.to(device) for k, v in collate_pairs(data, idx, np.ones(len(idx)), pad_id).items()}
-        lp = response_token_logprobs(model, b["input_ids"], b["attention_mask"], b["position_ids"],
-                                     b["response_start"], b["lengths"]).double().cpu().numpy()
-        for j, i in enumerate(idx):
-            for side, row in ((0, j), (1, len(idx) + j)):
-                start, end = int(b["response_start"][row]), int(b["lengths"][row])
-                out[side * len(data) + i] = lp[row, start - 1:end - 1]
-    return out
+def _response_logprobs(model, data: PairData, pad_id: int) -> list[np.ndarray]:
+    """Per-token response log-probs of every chosen, then every rejected sequence (analysis's one pass)."""
+    tl = token_logprobs(model, data, pad_id)
+    sequence = tl.side.astype(np.int64) * len(data) + tl.pair  # chosen i -> i, rejected i -> N + i
+    order = np.argsort(sequence, kind="stable")  # positions stay in order within a sequence
+    return np.split(tl.logprobs[order], np.cumsum(np.bincount(sequence, minlength=2 * len(data)))[:-1])
 
 
 def _sums(model, data: PairData, pad_id: int) -> np.ndarray:

@@ -8,7 +8,6 @@ checkpoint), reward accuracy and policy accuracy (Table 2), margins, mean log-pr
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from refdpo.data import (
 from refdpo.data.templates import check_template
 from refdpo.logprobs import head_matches_model, sequence_logprobs
 from refdpo.metrics import PairStats
-from refdpo.modeling import load_frozen, load_tokenizer, pad_token_id
+from refdpo.modeling import load_frozen, load_tokenizer, pad_token_id, reset_accelerate_state
 from refdpo.objectives import Objective
 from refdpo.tables import markdown, write_tables
 
@@ -98,11 +97,8 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
 
     Ties count 0.5 in both accuracies (metrics.py): log-probs within 1e-4 nats, rewards within beta x 1e-4."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
 
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # no settings left over from an earlier run in this process
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
+    reset_accelerate_state()
     accelerator = Accelerator()
     rows = []
     for name in cfg.models:

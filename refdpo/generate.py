@@ -26,8 +26,15 @@ from tqdm.auto import tqdm
 from refdpo.checkpoint import atomic_write_json
 from refdpo.config import InferenceSpec, ModelSpec, check_all, option
 from refdpo.data.templates import DEFAULT_TEMPLATE, TEMPLATES, adds_special_tokens, check_template, render
-from refdpo.errors import ConfigError, DataError
-from refdpo.modeling import inference_dtype, load_frozen, load_tokenizer, pad_token_id
+from refdpo.errors import DataError
+from refdpo.modeling import (
+    inference_dtype,
+    input_device,
+    load_frozen,
+    load_tokenizer,
+    load_vllm,
+    pad_token_id,
+)
 
 log = logging.getLogger(__name__)
 ALPACA_EVAL = "alpaca_eval"
@@ -125,7 +132,7 @@ def generate_outputs(model, tokenizer, prompts: list[dict], cfg: GenerateConfig)
     """(generated token ids without the end token, whether an end token was produced) per prompt, in order."""
     ids = [_prompt_ids(p["instruction"], cfg.template, tokenizer) for p in prompts]
     ends, pad_id = _end_tokens(model, tokenizer), pad_token_id(tokenizer)
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths together: little padding
     outputs: list[list[int]] = [[] for _ in ids]
     ended = [False] * len(ids)
@@ -153,14 +160,10 @@ def generate_outputs(model, tokenizer, prompts: list[dict], cfg: GenerateConfig)
 
 def _generate_vllm(tokenizer, prompts: list[dict], cfg: GenerateConfig) -> tuple[list[list[int]], list[bool]]:
     """The same prompts and stopping rule through vLLM (continuous batching; the package is optional)."""
-    try:
-        from vllm import LLM, SamplingParams
-        from vllm.inputs import TokensPrompt
-    except ImportError:
-        raise ConfigError("--backend vllm needs the vllm package (pip install vllm)") from None
-    llm = LLM(model=cfg.model, tokenizer=cfg.tokenizer or cfg.model, revision=cfg.revision,
-              dtype="auto" if cfg.dtype == "auto" else cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-              tensor_parallel_size=cfg.tensor_parallel_size, seed=cfg.seed)
+    llm = load_vllm(cfg, seed=cfg.seed)
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
     # vLLM also stops at the model's own end tokens (generation_config); these are stripped from the text too.
     ends = sorted({t for t in (llm.get_tokenizer().eos_token_id, tokenizer.eos_token_id) if t is not None})
     params = SamplingParams(max_tokens=cfg.max_new_tokens, stop_token_ids=ends,

@@ -98,3 +98,30 @@ def load_frozen(spec, device: torch.device, dtype: torch.dtype, device_map: str 
         model.to(device)
     model.eval().requires_grad_(False)
     return model
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's inputs go: its embeddings' device (the first GPU of a device map)."""
+    return model.get_input_embeddings().weight.device
+
+
+def reset_accelerate_state() -> None:
+    """accelerate keeps its settings in process-wide singletons; a second run in the same process (tests,
+    sweeps) must not inherit the first one's precision or accumulation steps. Single process only."""
+    import os
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
+def load_vllm(spec, **kwargs):
+    """A vLLM engine for `spec` (a ModelSpec + InferenceSpec config); vLLM is an optional package."""
+    try:
+        from vllm import LLM
+    except ImportError:
+        raise ConfigError("--backend vllm needs the vllm package (pip install vllm)") from None
+    return LLM(model=spec.model, tokenizer=spec.tokenizer or spec.model, revision=spec.revision, dtype=spec.dtype,
+               trust_remote_code=spec.trust_remote_code, tensor_parallel_size=spec.tensor_parallel_size, **kwargs)

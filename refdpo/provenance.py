@@ -76,11 +76,16 @@ def weights_fingerprint(model: str, revision: str | None = None) -> str | None:
     return digest.hexdigest()
 
 
-def conversations_fingerprint(records: list[dict]) -> str:
-    """sha256 of every row's chosen and rejected conversations, in order (other columns may come and go)."""
+CONVERSATIONS = ("chosen", "rejected")
+
+
+def records_fingerprint(records: list[dict], fields: tuple[str, ...] | None = None) -> str:
+    """sha256 of the records in order: whole, or only `fields` (CONVERSATIONS: other columns may come and
+    go, as references are added)."""
     digest = hashlib.sha256()
     for record in records:
-        digest.update(json.dumps([record.get("chosen"), record.get("rejected")], sort_keys=True).encode())
+        part = record if fields is None else [record.get(f) for f in fields]
+        digest.update(json.dumps(part, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
@@ -123,7 +128,7 @@ def training_report(entry: dict, *, model: str, revision: str | None, tokenizer,
     """(warnings, notes) comparing how a column pair was scored with how it is about to be used.
 
     `rows`: rows in the split now; `longest`: its longest tokenised sequence under the training tokenizer;
-    `conversations`: the split's conversations_fingerprint."""
+    `conversations`: the split's records_fingerprint(records, CONVERSATIONS)."""
     warnings, notes = [], []
     fingerprint = weights_fingerprint(model, revision)
     same = is_same_model(entry, model, revision, fingerprint)

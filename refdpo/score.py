@@ -52,7 +52,14 @@ from refdpo.data.templates import PRIOR_PREFIXES, check_template
 from refdpo.data.writing import check_writable, output_format, push_to_hub, write_records
 from refdpo.errors import ConfigError, RefdpoError
 from refdpo.logprobs import head_matches_model, sequence_logprobs, token_logprobs_at
-from refdpo.modeling import inference_dtype, load_frozen, load_tokenizer, pad_token_id
+from refdpo.modeling import (
+    inference_dtype,
+    input_device,
+    load_frozen,
+    load_tokenizer,
+    load_vllm,
+    pad_token_id,
+)
 
 log = logging.getLogger(__name__)
 MODES = ("conditional", "prior")
@@ -135,15 +142,11 @@ def _mask_dtype(model: torch.nn.Module) -> torch.dtype:
     return torch.bool if attn == "sdpa" else next(model.parameters()).dtype
 
 
-def _input_device(model: torch.nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
-
-
 @torch.inference_mode()
 def score_batch(model: torch.nn.Module, data: PairData, indices: list, shared: bool, pad_id: int,
                 fused: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Summed response log-probs (chosen, rejected) float64 for the pairs `indices`."""
-    device, n = _input_device(model), len(indices)
+    device, n = input_device(model), len(indices)
     if shared:
         batch = to_device(collate_shared(data, indices, pad_id, _mask_dtype(model)), device)
         token_lp = token_logprobs_at(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
@@ -177,7 +180,7 @@ def decide_layout(model: torch.nn.Module, data: PairData, pad_id: int, share_pro
                   probe_pairs: int = 1) -> tuple[bool, bool]:
     """(fused head?, shared prompt?): each optimisation is used only if it reproduces the plain computation on
     real pairs of this data (1e-3 nats, scaled for long sequences); otherwise the reason is logged."""
-    device = _input_device(model)
+    device = input_device(model)
     k = min(len(data), probe_pairs)
     first = to_device(collate_pairs(data, np.arange(k), np.ones(k), pad_id), device)
     fused, diff = head_matches_model(model, first)
@@ -203,7 +206,7 @@ def score_data(model: torch.nn.Module, data: PairData, pad_id: int, *, batch_tok
                ) -> tuple[np.ndarray, np.ndarray]:
     """In memory: (chosen, rejected) summed log-probs, float64 [N], in the order of `data`."""
     fused, share = decide_layout(model, data, pad_id, share_prompt)
-    batch_tokens = batch_tokens or default_batch_tokens(_input_device(model))
+    batch_tokens = batch_tokens or default_batch_tokens(input_device(model))
     chosen, rejected = np.empty(len(data)), np.empty(len(data))
     for indices, shared in tqdm(plan_batches(data, batch_tokens, max_batch_pairs, share), desc="score",
                                 disable=not progress):
@@ -212,13 +215,6 @@ def score_data(model: torch.nn.Module, data: PairData, pad_id: int, *, batch_tok
 
 
 # --- the resumable job ---------------------------------------------------------------------------------
-
-def _data_fingerprint(raw: RawSplit) -> str:
-    digest = hashlib.sha256()
-    for record in raw.records:
-        digest.update(json.dumps(record, sort_keys=True, default=str).encode())
-    return digest.hexdigest()
-
 
 def _check_columns(raw: RawSplit, columns: tuple[str, str]) -> tuple[str, str]:
     """The two output columns must be distinct new or numeric columns: never a conversation or another field."""
@@ -237,14 +233,10 @@ def _check_columns(raw: RawSplit, columns: tuple[str, str]) -> tuple[str, str]:
 
 
 def _vllm_scorer(cfg: ScoreConfig, data: PairData):
-    try:
-        from vllm import LLM, SamplingParams
-        from vllm.inputs import TokensPrompt
-    except ImportError:
-        raise ConfigError("--backend vllm needs the vllm package (pip install vllm)") from None
-    llm = LLM(model=cfg.model, tokenizer=cfg.tokenizer or cfg.model, revision=cfg.revision,
-              dtype="auto" if cfg.dtype == "auto" else cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-              tensor_parallel_size=cfg.tensor_parallel_size, enable_prefix_caching=True)
+    llm = load_vllm(cfg, enable_prefix_caching=True)
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
 
     def score(indices: list, shared: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -283,7 +275,7 @@ def score(cfg: ScoreConfig) -> dict:
                                                               "save_every")}
     batch_tokens = cfg.batch_tokens or default_batch_tokens(state.device)
     job.update(batch_tokens=batch_tokens, dtype=dtype_name, weights_sha256=weights,
-               data_sha256=_data_fingerprint(raw), rows=len(raw), save_every=cfg.save_every)
+               data_sha256=prov.records_fingerprint(raw.records), rows=len(raw), save_every=cfg.save_every)
 
     parts = shards.parts_dir(out)
     manifest = None
@@ -334,7 +326,7 @@ def score(cfg: ScoreConfig) -> dict:
 def _write_provenance(out: Path, raw: RawSplit, records: list[dict], columns: tuple[str, str],
                       entry: dict) -> Path:
     """The new entry, plus the input's other references (still valid for the rows kept)."""
-    conversations = prov.conversations_fingerprint(records)
+    conversations = prov.records_fingerprint(records, prov.CONVERSATIONS)
     entries = {}
     for key, old in prov.read(raw.provenance).items():
         if key != prov.column_key(columns):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import resource
 import time
 from datetime import datetime
@@ -40,7 +39,7 @@ from refdpo.errors import ConfigError
 from refdpo.evaluate import evaluate_pairs, forward_pairs
 from refdpo.logprobs import head_matches_model
 from refdpo.metrics import MetricsLog, PairStats
-from refdpo.modeling import load_policy, load_tokenizer, pad_token_id
+from refdpo.modeling import load_policy, load_tokenizer, pad_token_id, reset_accelerate_state
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +78,7 @@ def _check_provenance(cfg: TrainConfig, raw: RawSplit, data: PairData, tokenizer
     longest = max(e.full_length for seqs in (data.chosen, data.rejected) for e in seqs)
     warnings, notes = prov.training_report(entry, model=cfg.model, revision=cfg.revision, tokenizer=tokenizer,
                                            template=cfg.template, max_len=cfg.max_len, rows=len(records),
-                                           longest=longest, conversations=prov.conversations_fingerprint(records))
+                                           longest=longest, conversations=prov.records_fingerprint(records, prov.CONVERSATIONS))
     for note in notes:
         log.info("%s: %s", raw.source, note)
     if warnings and cfg.strict:
@@ -147,17 +146,12 @@ def train(cfg: TrainConfig, data_cache: dict | None = None) -> dict:
     """Train as configured; returns a summary (run folder, best step and validation loss, last metrics).
     `data_cache`: tokenised splits shared across the runs of a sweep (see load_pairs)."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
     from transformers import get_linear_schedule_with_warmup
 
     if "wandb" in cfg.trackers and importlib.util.find_spec("wandb") is None:
         raise ConfigError("--report_to wandb needs the wandb package: pip install 'refdpo[wandb]'")
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        # accelerate keeps its settings in process-wide singletons; a second run in the same process (tests,
-        # sweeps) must not inherit the first one's precision or accumulation steps.
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
+    reset_accelerate_state()
     run_dir = _run_dir(cfg)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.accumulate_step, mixed_precision=cfg.mixed_precision,
                               log_with=cfg.trackers or None, project_dir=str(run_dir))
