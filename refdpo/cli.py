@@ -9,6 +9,7 @@
   refdpo analyze tokens --models CKPT... --reference REF --dataset D   token-level log-prob shifts, EOS
   refdpo sweep --grid GRID.yaml [--dry-run]                  a grid of runs, evaluated into one table
   refdpo tiny --out DIR                                    a tiny offline model + synthetic dataset to try it on
+  refdpo demo [--quick] [--out DIR]                        the paper's three questions on a controlled task, CPU
 
 Errors caused by input (config, data, paths) are printed as one line per problem and exit with status 2.
 """
@@ -193,8 +194,22 @@ def _tiny(argv: list[str]) -> int:
     return 0
 
 
+def _demo(argv: list[str]) -> int:
+    from refdpo.config import parse_args
+    from refdpo.testbed.demo import DemoConfig, run_demo
+
+    cfg = parse_args(DemoConfig, argv, "refdpo demo", "The paper's three questions on a controlled task with a "
+                     "known reward, through score, train and evaluate, on a CPU in minutes (refdpo/testbed/README.md).")
+    report = run_demo(cfg)
+    print(report["text"])
+    timing = report["timing"]
+    print(f"{cfg.out}: results.md/.csv/.json, {', '.join(report['plots'])}; {timing['seconds']:.0f} s with "
+          f"{timing['workers']} worker(s)")
+    return 0
+
+
 COMMANDS = {"train": _train, "score": _score, "check": _check, "evaluate": _evaluate, "generate": _generate,
-            "judge": _judge, "analyze": _analyze, "sweep": _sweep, "tiny": _tiny}
+            "judge": _judge, "analyze": _analyze, "sweep": _sweep, "tiny": _tiny, "demo": _demo}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -161,6 +161,7 @@ class TrainConfig(ObjectiveSpec, DataSpec, ModelSpec):
     resume: bool = option(False, "continue the run in --output_dir from its last checkpoint")
     report_to: str = option("tensorboard", "comma-separated: tensorboard, wandb, none")
     wandb_project: str = option("refdpo", "W&B project when --report_to wandb")
+    progress: bool = option(True, "show a progress bar")
 
     # --- derived views -------------------------------------------------------------------------------
     @property

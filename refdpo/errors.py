@@ -23,6 +23,9 @@ class DataError(RefdpoError):
         self.source, self.row, self.field, self.line, self.message = source, row, field, line, message
         super().__init__(self.one_line())
 
+    def __reduce__(self):  # errors cross process boundaries (the demo's workers): pickle by the real arguments
+        return DataError, (self.source, self.message, self.row, self.field, self.line)
+
     def one_line(self) -> str:
         where = self.source
         if self.row is not None:
@@ -43,3 +46,6 @@ class DataErrors(RefdpoError):
         if total > len(errors):
             lines.append(f"... and {total - len(errors)} more bad records")
         super().__init__("\n".join(lines))
+
+    def __reduce__(self):
+        return DataErrors, (self.errors, self.total)

@@ -25,13 +25,17 @@ def markdown(rows: list[dict], columns: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def csv_text(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns_of(rows), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
 def write_tables(rows: list[dict], folder: Path, stem: str, extra: dict | None = None) -> None:
     """folder/{stem}.md, .csv and .json (the rows plus `extra`), each written atomically."""
     columns = columns_of(rows)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(folder / f"{stem}.csv", buffer.getvalue())
+    atomic_write_text(folder / f"{stem}.csv", csv_text(rows))
     atomic_write_text(folder / f"{stem}.md", markdown(rows, columns) + "\n")
     atomic_write_json(folder / f"{stem}.json", {"rows": rows, **(extra or {})})

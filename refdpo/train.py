@@ -234,7 +234,7 @@ def train(cfg: TrainConfig, data_cache: dict | None = None) -> dict:
     stats = PairStats(device, cfg.beta)
     save_every = cfg.save_interval or cfg.eval_interval
     bar = tqdm(total=total_steps, initial=state["global_step"], desc="train", dynamic_ncols=True,
-               disable=not accelerator.is_main_process)
+               disable=not (cfg.progress and accelerator.is_main_process))
     window_start = time.perf_counter()
     for epoch in range(state["epoch"], cfg.epochs):
         for step in range(state["step_in_epoch"], sampler.steps_per_epoch):  # > 0 only when resuming

@@ -1,0 +1,331 @@
+"""The demo's report: per-seed measurements -> means with 95% intervals over seeds, the paper's findings
+checked one by one (reproduced or not, with paired intervals), a table, CSV/JSON and plots.
+
+Intervals are Student-t over seeds: mean +- t(0.975, n-1) x sd / sqrt(n). Comparisons between two settings
+are paired by seed (they share the seed's SFT model, data and sampling seed), which removes the seed-to-seed
+variation of the SFT model from the difference.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from refdpo.checkpoint import atomic_write_json, atomic_write_text
+from refdpo.tables import csv_text
+
+# t(0.975, df) for df = 1..30; beyond, the normal quantile is within 2%.
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045,
+        2.042)
+METRICS = {  # key -> (table header, decimals, shown with its interval)
+    "reward": ("true reward", 2, True),
+    "reward_greedy": ("greedy reward", 2, False),
+    "win_rate": ("win rate vs SFT", 2, True),
+    "kl": ("KL to SFT", 2, True),
+    "length": ("length", 1, True),
+    "length_greedy": ("greedy length", 1, False),
+    "unended": ("no EOS", 3, False),
+    "eos_chosen": ("log p(EOS | y_w)", 2, False),
+    "eos_gap": ("EOS gap y_w - y_l", 2, False),
+    "reward_accuracy": ("reward acc.", 3, False),
+    "policy_accuracy": ("policy acc.", 3, False),
+}
+BASELINES = {"sft": "SFT model (the self reference)", "compatible_ref": "compatible reference, alone",
+             "incompatible_ref": "incompatible reference, alone"}
+
+
+def interval(values) -> tuple[float, float]:
+    """(mean, half-width of the 95% t-interval); the half-width is nan for a single value."""
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    if n < 2:
+        return float(values.mean()), math.nan
+    t = T975[n - 2] if n - 1 <= len(T975) else 1.96
+    return float(values.mean()), float(t * values.std(ddof=1) / math.sqrt(n))
+
+
+def _fmt(mean: float | None, half: float | None = None, decimals: int = 2) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "—"
+    text = f"{mean:.{decimals}f}"
+    return text if half is None or math.isnan(half) else f"{text} ± {half:.{decimals}f}"
+
+
+class Results:
+    """Per-seed values of every metric of every setting: `value[(family, beta)][metric] = {seed: x}`."""
+
+    def __init__(self, prepared: dict, runs: list[dict]):
+        self.value: dict[tuple, dict[str, dict[int, float]]] = {}
+        for seed, info in prepared.items():
+            for name, metrics in info["baselines"].items():
+                self._add((name, None), int(seed), metrics)
+        for run in runs:
+            self._add((run["family"], run["beta"]), run["seed"], run)
+
+    def _add(self, key: tuple, seed: int, metrics: dict) -> None:
+        slot = self.value.setdefault(key, {})
+        for metric in METRICS:
+            if metrics.get(metric) is not None:
+                slot.setdefault(metric, {})[seed] = float(metrics[metric])
+
+    def mean(self, key: tuple, metric: str = "reward") -> float:
+        return interval(list(self.value[key][metric].values()))[0]
+
+    def betas(self, family: str) -> list[float]:
+        return sorted((b for f, b in self.value if f == family), reverse=True)
+
+    def best(self, family: str) -> float:
+        """The beta with the highest mean true reward (ties: the larger beta)."""
+        return max(self.betas(family), key=lambda b: self.mean((family, b)))
+
+    def paired(self, a: tuple, b: tuple, metric: str = "reward") -> tuple[float, float]:
+        """Mean and 95% interval of a - b over the seeds both have."""
+        x, y = self.value[a][metric], self.value[b][metric]
+        return interval([x[s] - y[s] for s in sorted(set(x) & set(y))])
+
+
+def _diff(d: tuple[float, float]) -> str:
+    return f"{d[0]:+.2f} ± {d[1]:.2f}"
+
+
+def _significant(d: tuple[float, float]) -> int:
+    """+1 / -1 when the interval excludes 0 on that side, else 0."""
+    mean, half = d
+    return 0 if math.isnan(half) or abs(mean) <= half else (1 if mean > 0 else -1)
+
+
+def findings(res: Results) -> list[dict]:
+    """The paper's claims, each checked on these runs: {question, claim, verdict, evidence}."""
+    sft, out = ("sft", None), []
+    dpo = [("dpo", b) for b in res.betas("dpo")]
+    best = ("dpo", res.best("dpo"))
+
+    gains = {b: res.paired(("dpo", b), sft) for _, b in dpo}
+    significant = [f"{b:g}" for b, d in gains.items() if _significant(d) > 0]
+    out.append({"question": "RQ1", "claim": "DPO improves on the SFT model at some beta",
+                "verdict": "reproduced" if _significant(gains[best[1]]) > 0 else "not reproduced",
+                "evidence": f"best beta {best[1]:g}: true reward {_fmt(*interval(list(res.value[best]['reward'].values())))}"
+                            f" vs SFT {_fmt(*interval(list(res.value[sft]['reward'].values())))}, paired gain "
+                            f"{_diff(gains[best[1]])}; significant gains at beta in {{{', '.join(significant) or 'none'}}}"})
+
+    small, large = dpo[-1], dpo[0]
+    drop = res.paired(small, best)
+    interior = best not in (small, large)
+    more = {m: res.mean(small, m) - res.mean(best, m) for m in ("kl", "length", "length_greedy")}
+    ok = interior and _significant(drop) < 0 and more["kl"] > 0 and more["length"] > 0
+    out.append({"question": "RQ1", "claim": "true reward is non-monotone in beta: too small a beta raises KL and "
+                                            "length and loses reward",
+                "verdict": "reproduced" if ok else ("partly reproduced" if _significant(drop) < 0 else "not reproduced"),
+                "evidence": f"optimum at beta {best[1]:g} ({'interior' if interior else 'an end'} of the grid); at "
+                            f"beta {small[1]:g} true reward {_diff(drop)} vs the optimum, KL {more['kl']:+.2f} nats, "
+                            f"length {more['length']:+.1f} (greedy {more['length_greedy']:+.1f}) words; at beta "
+                            f"{large[1]:g}: {_diff(res.paired(large, best))}"})
+
+    accuracy_best = max(res.betas("dpo"), key=lambda b: res.mean(("dpo", b), "reward_accuracy"))
+    out.append({"question": "RQ1", "claim": "ranking accuracy is not generation quality (observation)",
+                "verdict": "observed" if accuracy_best != best[1] else "not observed",
+                "evidence": f"reward accuracy peaks at beta {accuracy_best:g} "
+                            f"({res.mean(('dpo', accuracy_best), 'reward_accuracy'):.3f}), true reward at beta "
+                            f"{best[1]:g}; policy accuracy {res.mean(large, 'policy_accuracy'):.3f} at beta "
+                            f"{large[1]:g} -> {res.mean(small, 'policy_accuracy'):.3f} at beta {small[1]:g}"})
+
+    eos = res.paired(small, large, "eos_chosen")
+    out.append({"question": "RQ1", "claim": "a smaller beta pushes the end-of-sequence token down more",
+                "verdict": "reproduced" if _significant(eos) < 0 else "not reproduced",
+                "evidence": f"log p(EOS) after held-out chosen replies {res.mean(large, 'eos_chosen'):.2f} at beta "
+                            f"{large[1]:g} -> {res.mean(small, 'eos_chosen'):.2f} at beta {small[1]:g} (paired "
+                            f"{_diff(eos)}); EOS gap chosen - rejected {res.mean(large, 'eos_gap'):+.2f} -> "
+                            f"{res.mean(small, 'eos_gap'):+.2f}"})
+
+    bests = {f: (f, res.best(f)) for f in ("dpo", "ref_free", "prior")}
+    order = sorted(bests, key=lambda f: -res.mean(bests[f]))
+    behind = {f: res.paired(bests[f], best) for f in ("ref_free", "prior")}
+    over_sft = {f: res.paired(bests[f], sft) for f in bests}
+    names = {"dpo": "DPO", "ref_free": "reference-free", "prior": "prior-as-reference"}
+    verdict = ("reproduced" if all(_significant(d) < 0 for d in behind.values()) else
+               "partly reproduced" if order[0] == "dpo" else "not reproduced")
+    out.append({"question": "RQ2", "claim": "DPO with the SFT reference beats reference-free and prior-as-reference "
+                                            "training, each at its best beta",
+                "verdict": verdict,
+                "evidence": " > ".join(f"{names[f]} (beta {bests[f][1]:g}) {res.mean(bests[f]):.2f}" for f in order)
+                            + "; vs DPO: " + ", ".join(f"{names[f]} {_diff(d)}" for f, d in behind.items())
+                            + "; vs SFT: " + ", ".join(f"{names[f]} {_diff(d)}" for f, d in over_sft.items())
+                            + "; length at the best beta: " + ", ".join(f"{names[f]} {res.mean(bests[f], 'length'):.1f}"
+                                                                        for f in order)})
+
+    free = bests["ref_free"][1]
+    out.append({"question": "RQ2", "claim": "reference-free training needs a larger beta than DPO",
+                "verdict": "reproduced" if free > best[1] else "not reproduced",
+                "evidence": f"best beta: reference-free {free:g}, DPO {best[1]:g}; reference-free true reward over "
+                            "its grid: " + ", ".join(f"{b:g}: {res.mean(('ref_free', b)):.2f}"
+                                                     for b in res.betas("ref_free"))})
+
+    ref_betas = res.betas("compatible")
+    at_beta = {b: res.paired(("compatible", b), ("dpo", b)) for b in ref_betas}
+    compat = ("compatible", res.best("compatible"))
+    best_vs_best = res.paired(compat, best)
+    wins = [f"{b:g}" for b, d in at_beta.items() if _significant(d) > 0]
+    out.append({"question": "RQ3", "claim": "a stronger compatible reference beats self-reference (the paper: at a "
+                                            "larger beta)",
+                "verdict": "reproduced" if _significant(best_vs_best) > 0 else
+                           ("partly reproduced" if wins or best_vs_best[0] > 0 else "not reproduced"),
+                "evidence": f"best vs best: compatible (beta {compat[1]:g}) {res.mean(compat):.2f} vs self (beta "
+                            f"{best[1]:g}) {res.mean(best):.2f}, {_diff(best_vs_best)}; at equal beta: "
+                            + ", ".join(f"{b:g}: {_diff(d)}" for b, d in at_beta.items())
+                            + f"; significantly better at beta in {{{', '.join(wins) or 'none'}}}"})
+
+    other = ("incompatible", res.best("incompatible"))
+    vs_self, vs_sft = res.paired(other, best), res.paired(other, sft)
+    alone = res.paired(("incompatible_ref", None), sft)
+    out.append({"question": "RQ3", "claim": "a stronger but incompatible reference does not help (the paper: "
+                                            "tulu-2-7b with mistral-v0.2 stayed below its SFT model)",
+                "verdict": "reproduced" if _significant(vs_self) < 0 else
+                           ("not reproduced" if _significant(vs_self) > 0 else "inconclusive"),
+                "evidence": f"the reference alone beats SFT by {_diff(alone)}; DPO with it at its best beta "
+                            f"{other[1]:g}: {res.mean(other):.2f}, vs self-reference {_diff(vs_self)}, vs SFT "
+                            f"{_diff(vs_sft)}"})
+    return out
+
+
+def _label(key: tuple) -> str:
+    from refdpo.testbed.demo import FAMILIES
+
+    family, beta = key
+    return BASELINES[family] if beta is None else FAMILIES[family][0]
+
+
+def rows(res: Results) -> list[dict]:
+    """One row per setting: baselines first, then each family by decreasing beta; mean and interval of each metric."""
+    from refdpo.testbed.demo import FAMILIES
+
+    keys = [(b, None) for b in BASELINES] + [(f, b) for f in FAMILIES for b in res.betas(f)]
+    out = []
+    for key in keys:
+        row = {"setting": _label(key), "family": key[0], "beta": key[1]}
+        for metric in METRICS:
+            values = res.value[key].get(metric)
+            mean, half = interval(list(values.values())) if values else (None, None)
+            row[metric], row[f"{metric}_ci95"] = mean, half
+        row["seeds"] = len(res.value[key]["reward"])
+        out.append(row)
+    return out
+
+
+def table(table_rows: list[dict]) -> str:
+    headers = ["setting", "beta"] + [h for h, _, _ in METRICS.values()]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in table_rows:
+        cells = [row["setting"], "—" if row["beta"] is None else f"{row['beta']:g}"]
+        cells += [_fmt(row[m], row[f"{m}_ci95"] if shown else None, d) for m, (_, d, shown) in METRICS.items()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def references_table(prepared: dict) -> str:
+    from refdpo.testbed.demo import REFERENCES
+
+    lines = ["| reference | ranks held-out pairs like the labels | agrees with r* on held-out pairs |", "|---|---|---|"]
+    for name in REFERENCES:
+        acc = [info["references"][name]["ranking_accuracy"] for info in prepared.values()]
+        agree = [info["references"][name]["agrees_with_true_reward"] for info in prepared.values()]
+        lines.append(f"| {name} | {_fmt(*interval(acc), 3)} | {_fmt(*interval(agree), 3)} |")
+    return "\n".join(lines)
+
+
+def plot(res: Results, folder: Path) -> list[str]:
+    """reward_vs_beta.png, reward_vs_kl.png, length_vs_beta.png, eos_vs_beta.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from refdpo.testbed.demo import FAMILIES
+
+    def by_beta(ax, metric: str, ylabel: str) -> None:
+        for family, (label, _) in FAMILIES.items():
+            betas = res.betas(family)
+            stats = [interval(list(res.value[(family, b)][metric].values())) for b in betas]
+            ax.errorbar(betas, [m for m, _ in stats], yerr=[0 if math.isnan(h) else h for _, h in stats],
+                        marker="o", capsize=3, label=label)
+        sft_mean, sft_half = interval(list(res.value[("sft", None)][metric].values()))
+        ax.axhline(sft_mean, color="black", linestyle="--", label="SFT model")
+        if not math.isnan(sft_half):
+            ax.axhspan(sft_mean - sft_half, sft_mean + sft_half, color="black", alpha=0.08)
+        ax.set_xscale("log")
+        ax.set_xlabel("beta (KL strength)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+
+    def save(fig, name: str) -> str:
+        fig.tight_layout()
+        fig.savefig(folder / f"{name}.png", dpi=120)
+        plt.close(fig)
+        return f"{name}.png"
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    by_beta(left, "reward", "true reward r* (T=1 samples, 95% CI over seeds)")
+    for family, (label, _) in FAMILIES.items():  # the same, paired with the seed's SFT model: a tighter interval
+        betas = res.betas(family)
+        stats = [res.paired((family, b), ("sft", None)) for b in betas]
+        right.errorbar(betas, [m for m, _ in stats], yerr=[0 if math.isnan(h) else h for _, h in stats],
+                       marker="o", capsize=3, label=label)
+    right.axhline(0, color="black", linestyle="--", label="SFT model")
+    right.set(xscale="log", xlabel="beta (KL strength)", ylabel="true reward minus the SFT model's (paired by seed)")
+    right.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    written = [save(fig, "reward_vs_beta")]
+    for name, metric, ylabel in (("length_vs_beta", "length", "mean reply length, words (T=1)"),
+                                 ("eos_vs_beta", "eos_chosen", "log p(EOS) after held-out chosen replies")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        by_beta(ax, metric, ylabel)
+        ax.legend(fontsize=8)
+        written.append(save(fig, name))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for family, (label, _) in FAMILIES.items():
+        betas = res.betas(family)
+        kl = [res.mean((family, b), "kl") for b in betas]
+        reward = [res.mean((family, b)) for b in betas]
+        ax.plot(kl, reward, marker="o", label=label)
+        for x, y, b in zip(kl, reward, betas):
+            ax.annotate(f"{b:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(res.mean(("sft", None)), color="black", linestyle="--", label="SFT model (KL 0)")
+    ax.set_xlabel("KL(policy || SFT), sampled estimate, nats")
+    ax.set_ylabel("true reward r*")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return written + [save(fig, "reward_vs_kl")]
+
+
+def markdown_report(cfg, table_rows: list[dict], found: list[dict], prepared: dict) -> str:
+    lines = [f"# refdpo demo: {cfg.seeds} seeds{' (quick)' if cfg.quick else ''}", "",
+             "Means over seeds ± 95% t-interval. True reward r* is measured on replies sampled at T=1 from each "
+             "policy on held-out prompts; win rate is against the SFT model's reply to the same prompt (ties "
+             "0.5); KL is the sampled sequence-level estimate; lengths are in words; log p(EOS) is after held-out "
+             "chosen replies; accuracies are on held-out pairs (ties 0.5).", "", table(table_rows), "",
+             "## Findings (the paper's claims, checked on these runs)", ""]
+    for f in found:
+        lines.append(f"- **{f['question']}: {f['claim']}**: {f['verdict']}. {f['evidence']}.")
+    lines += ["", "## References on the held-out pairs", "", references_table(prepared), ""]
+    return "\n".join(lines)
+
+
+def write_report(cfg, prepared: dict, runs: list[dict], seconds: float, workers: int) -> dict:
+    """results.md/.csv/.json and the plots in the demo folder; returns the report (rows, findings, text)."""
+    folder = Path(cfg.out)
+    runs = sorted(runs, key=lambda r: (r["seed"], r["family"], -r["beta"]))
+    res = Results(prepared, runs)
+    table_rows, found = rows(res), findings(res)
+    text = markdown_report(cfg, table_rows, found, prepared)
+    atomic_write_text(folder / "results.csv", csv_text(table_rows))
+    atomic_write_text(folder / "results.md", text + "\n")
+    plots = plot(res, folder)
+    report = {"config": cfg.fingerprint(), "rows": table_rows, "findings": found, "plots": plots,
+              "per_seed": {"prepared": {str(s): {k: v for k, v in info.items() if k != "sft_rewards"}
+                                        for s, info in sorted(prepared.items())}, "runs": runs},
+              "timing": {"seconds": round(seconds, 1), "workers": workers}}
+    atomic_write_json(folder / "results.json", report)
+    return {**report, "text": text}
