@@ -229,7 +229,7 @@ def build_parser(prog: str = "refdpo train", cls: type = TrainConfig, descriptio
     for f in dataclasses.fields(cls):
         flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         kind = types[f.name]
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        help_text = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")  # argparse formats with %
         if kind is bool:
             parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)

@@ -248,24 +248,39 @@ def prepare(cfg: DemoConfig, seed: int) -> dict:
         baselines[f"{name}_ref"] = measure(cfg, seed, model, tok, sft_rewards, sft if name == "compatible" else None)
         baselines[f"{name}_ref"].pop("rewards")
     info = {"seed": seed, "data": data_stats, "baselines": baselines, "sft_rewards": sft_rewards,
-            "references": _reference_agreement(folder / "data" / "val.jsonl"),
+            "references": _reference_agreement(folder / "data"),
             "sft_loss": sft_loss, "compatible_loss": compatible_loss, "incompatible_loss": incompatible_loss,
             "seconds": round(time.perf_counter() - start, 1)}
     atomic_write_json(folder / "prepared.json", info)
     return info
 
 
-def _reference_agreement(path: Path) -> dict:
-    """Per reference, on the held-out pairs: how often it gives the chosen reply more probability than the
-    rejected one (its ranking accuracy against the labels), and against r* itself."""
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    truth = np.sign([r["chosen_true_reward"] - r["rejected_true_reward"] for r in records])
+def _margins(records: list[dict], columns: str) -> np.ndarray:
+    chosen, rejected = columns.split(",")
+    return np.array([r[chosen] - r[rejected] for r in records])
+
+
+def _reference_agreement(data: Path) -> dict:
+    """How each reference sees the pairs. On the held-out pairs: how often it gives the chosen reply more
+    probability (its ranking accuracy against the labels) and how often its margin's sign agrees with r*. On the
+    training pairs: its mean |margin|, and how the DPO margin h at the first step (the SFT model's margin minus
+    the reference's) correlates with how much longer the chosen reply is. The loss weights a pair by
+    sigma(-beta h), so a positive correlation means training learns mostly from pairs whose chosen reply is the
+    shorter one."""
+    val = [json.loads(line) for line in (data / "val.jsonl").read_text().splitlines()]
+    train = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    truth = np.sign([r["chosen_true_reward"] - r["rejected_true_reward"] for r in val])
+    longer = np.array([len(r["chosen"][-1]["content"].split()) - len(r["rejected"][-1]["content"].split())
+                       for r in train])
+    self_margin = _margins(train, REFERENCES["self"][1])
     out = {}
     for name, (_, columns, _) in REFERENCES.items():
-        chosen, rejected = columns.split(",")
-        margin = np.array([r[chosen] - r[rejected] for r in records])
+        margin, train_margin = _margins(val, columns), _margins(train, columns)
+        start = self_margin - train_margin
         out[name] = {"ranking_accuracy": float(np.mean(margin > 0) + 0.5 * np.mean(margin == 0)),
-                     "agrees_with_true_reward": float(np.mean(np.sign(margin)[truth != 0] == truth[truth != 0]))}
+                     "agrees_with_true_reward": float(np.mean(np.sign(margin)[truth != 0] == truth[truth != 0])),
+                     "mean_abs_margin": float(np.abs(train_margin).mean()),
+                     "start_margin_length_corr": None if name == "self" else float(np.corrcoef(start, longer)[0, 1])}
     return out
 
 
