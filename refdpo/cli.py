@@ -218,6 +218,9 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__.strip(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     _setup_logging()
+    from refdpo.runtime import tune_allocator
+
+    tune_allocator()  # before any tensor exists: the CPU allocator setting that doubles small-model steps
     try:
         code = COMMANDS[argv[0]](argv[1:])
     except RefdpoError as e:

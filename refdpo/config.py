@@ -140,6 +140,10 @@ class TrainConfig(ObjectiveSpec, DataSpec, ModelSpec):
     max_val_pairs: int = option(0, "use only the first N validation pairs (0: all)")
     strict: bool = option(False, "refuse to train when the data's provenance disagrees with this config (template, "
                              "max_len, rows); without it such mismatches are warnings")
+    packing: bool = option(True, "pack each micro-batch's sequences into rows without padding (position ids restart "
+                                 "per sequence; checked against the padded layout at start-up)")
+    pack_capacity: int = option(0, "tokens per packed row (0: all in one row with flash-attention, else the "
+                                   "micro-batch's longest sequence: a CPU's dense mask grows with the row squared)")
     # optimisation
     epochs: int = option(3, "passes over the training split (seed: --epoch)")
     batch_size: int = option(4, "pairs per device per micro-batch")
@@ -177,6 +181,7 @@ class TrainConfig(ObjectiveSpec, DataSpec, ModelSpec):
                  self.eval_interval) >= 1,
              "--epochs, --batch_size, --accumulate_step, --report_freq and --eval_interval must be >= 1"),
             (self.max_lr > 0, "--max_lr must be > 0"),
+            (self.pack_capacity >= 0, "--pack_capacity must be >= 0"),
             (0 <= self.warmup_ratio <= 1, "--warmup_ratio must be in [0, 1]"),
             (set(self.trackers) <= {"tensorboard", "wandb"}, "--report_to takes tensorboard, wandb or none"),
         ])

@@ -57,6 +57,7 @@ class _ChunkedTargetLogprob(torch.autograd.Function):
             y = _logits(hidden[lo:lo + rows], w, bias, scale, softcap, dtype)
             # One fused log_softmax kernel: on CPU about twice as fast as logsumexp (max, sub, exp, sum, log).
             out[lo:lo + rows] = torch.log_softmax(y, dim=1).gather(1, targets[lo:lo + rows, None]).squeeze(1)
+            del y  # else the next chunk's logits are built while this one's are still alive
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.rows, ctx.scale, ctx.softcap, ctx.dtype = rows, scale, softcap, dtype
         return out
@@ -85,10 +86,13 @@ class _ChunkedTargetLogprob(torch.autograd.Function):
                 grad_z.mul_(scale)
             if need_h:
                 grad_h[lo:lo + rows] = (grad_z.to(dtype) @ w).to(hidden.dtype)
-            if need_w:
+            if need_w and dtype == torch.float32:
+                grad_w.addmm_(grad_z.t(), h.float())  # in place: no [V, H] temporary per chunk
+            elif need_w:
                 grad_w += (grad_z.t().to(dtype) @ h.to(dtype)).float()
             if need_b:
                 grad_b += grad_z.sum(0)
+            del grad_z
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
         return grad_h, grad_w, grad_b, None, None, None, None, None
@@ -228,10 +232,17 @@ def _chunked_log_softmax_gather(logits: torch.Tensor, targets: torch.Tensor,
 
 def sequence_logprobs(model: torch.nn.Module, batch: dict, fused: bool = True,
                       chunk_elements: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs [N] (float64 sums of float32 token log-probs) and response token counts [N]."""
+    """Summed response log-probs [N] (float64 sums of float32 token log-probs) and response token counts [N],
+    from a padded batch (collate_pairs) or a packed one (collate_packed: it carries flat_index/segment)."""
+    counts = (batch["lengths"] - batch["response_start"]).clamp(min=0)
+    if "segment" in batch:
+        token_lp = token_logprobs_at(model, batch["input_ids"], batch.get("attention_mask"), batch["position_ids"],
+                                     batch["flat_index"], batch["targets"], fused, chunk_elements)
+        sums = torch.zeros(len(counts), dtype=torch.float64, device=token_lp.device)
+        return sums.index_add(0, batch["segment"], token_lp.double()), counts
     token_lp = response_token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
                                        batch["response_start"], batch["lengths"], fused, chunk_elements)
-    return token_lp.sum(dim=1, dtype=torch.float64), (batch["lengths"] - batch["response_start"]).clamp(min=0)
+    return token_lp.sum(dim=1, dtype=torch.float64), counts
 
 
 @torch.no_grad()

@@ -16,8 +16,10 @@ import logging
 import resource
 import time
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -29,6 +31,7 @@ from refdpo.data import (
     PairSampler,
     RawSplit,
     build_pairs,
+    collate_packed,
     collate_pairs,
     load_split,
     parse_ref_columns,
@@ -37,7 +40,7 @@ from refdpo.data import (
 from refdpo.data.templates import check_template
 from refdpo.errors import ConfigError
 from refdpo.evaluate import evaluate_pairs, forward_pairs
-from refdpo.logprobs import head_matches_model
+from refdpo.logprobs import head_matches_model, sequence_logprobs
 from refdpo.metrics import MetricsLog, PairStats
 from refdpo.modeling import load_policy, load_tokenizer, pad_token_id, reset_accelerate_state
 
@@ -120,8 +123,39 @@ def _peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+@torch.no_grad()
+def _packing_works(model, data: PairData, pad_id: int, device: torch.device, fused: bool) -> tuple[bool, float]:
+    """Do packed rows give every sequence the log-prob of its own padded row? A model whose attention ignores
+    the position-id restarts would let packed sequences see each other: checked once, on two real pairs packed
+    into a single row, before trusting it. Returns (ok, max abs difference)."""
+    indices = np.arange(min(2, len(data)))
+    weights = np.ones(len(indices))
+    was_training = model.training
+    model.eval()
+    try:
+        padded = sequence_logprobs(model, to_device(collate_pairs(data, indices, weights, pad_id), device), fused)[0]
+        packed = sequence_logprobs(model, to_device(collate_packed(data, indices, weights, pad_id, 1 << 30), device),
+                                   fused)[0]
+    finally:
+        model.train(was_training)
+    diff = (packed - padded).abs().max().item()
+    return diff <= 1e-3 * max(1.0, padded.abs().max().item() / 100), diff
+
+
+def _collate_fn(cfg: TrainConfig, model, data: PairData, pad_id: int, device: torch.device, fused: bool):
+    """collate_packed when packing is on and checked to be exact for this model, else collate_pairs."""
+    if cfg.packing:
+        ok, diff = _packing_works(model, data, pad_id, device, fused)
+        if ok:
+            flash = getattr(getattr(model, "config", None), "_attn_implementation", "") == "flash_attention_2"
+            return partial(collate_packed, capacity=cfg.pack_capacity or (1 << 30 if flash else 0))
+        log.warning("packed sequences disagree with padded ones for this model (max diff %.2g): training "
+                    "without packing", diff)
+    return collate_pairs
+
+
 def _train_step(model, optimizer, accelerator, micro_batches, valid: int, data: PairData, pad_id: int,
-                cfg: TrainConfig, fused: bool, stats: PairStats) -> torch.Tensor | None:
+                cfg: TrainConfig, fused: bool, stats: PairStats, collate=collate_pairs) -> torch.Tensor | None:
     """One optimizer step over this process's micro-batches; returns the gradient norm before clipping (a
     tensor: reading it would wait for the GPU, so that happens only when a report is written)."""
     objective = cfg.objective
@@ -129,7 +163,7 @@ def _train_step(model, optimizer, accelerator, micro_batches, valid: int, data: 
     scale = cfg.accumulate_step * accelerator.num_processes / valid
     grad_norm = None
     for indices, weights in micro_batches:
-        batch = to_device(collate_pairs(data, indices, weights, pad_id), accelerator.device)
+        batch = to_device(collate(data, indices, weights, pad_id), accelerator.device)
         with accelerator.accumulate(model):
             out = forward_pairs(model, batch, objective, fused)
             loss = (out["losses"] * batch["weights"]).sum() * scale
@@ -215,6 +249,7 @@ def train(cfg: TrainConfig, data_cache: dict | None = None) -> dict:
     fused, diff = head_matches_model(model, probe)
     if not fused:
         log.warning("chunked LM head disagrees with the model's logits (max diff %.2g): using full logits", diff)
+    collate = _collate_fn(cfg, model, train_data, pad_id, device, fused)
 
     def run_eval(epoch_progress: float) -> bool:
         """Evaluate on the validation split, log it; True when this is the lowest validation loss so far."""
@@ -241,7 +276,7 @@ def train(cfg: TrainConfig, data_cache: dict | None = None) -> dict:
             micro_batches, valid = sampler.step(epoch, step)
             lr = scheduler.get_last_lr()[0]
             grad_norm = _train_step(model, optimizer, accelerator, micro_batches, valid, train_data, pad_id,
-                                    cfg, fused, stats)
+                                    cfg, fused, stats, collate)
             scheduler.step()
             end_of_epoch = step + 1 == sampler.steps_per_epoch
             state.update(global_step=state["global_step"] + 1, epoch=epoch + end_of_epoch,

@@ -233,8 +233,9 @@ def test_lora_trains_adapters_only(tiny_setup, tmp_path):
     assert lora_weights and max(p.abs().max().item() for p in lora_weights) > 0  # B starts at 0
 
 
-@pytest.mark.parametrize("overrides", [{"gradient_checkpointing": True}, {"attn_implementation": "eager"}],
-                         ids=["gradient_checkpointing", "eager_attention"])
+@pytest.mark.parametrize("overrides", [{"gradient_checkpointing": True}, {"attn_implementation": "eager"},
+                                       {"packing": False}, {"pack_capacity": 4096}],
+                         ids=["gradient_checkpointing", "eager_attention", "no_packing", "one_packed_row"])
 def test_memory_and_attention_options_do_not_change_the_numbers(tiny_setup, tmp_path, overrides):
     base = dict(max_train_pairs=24, val_split="", batch_size=8)
     train(train_config(tiny_setup, tmp_path / "base", **base))

@@ -1,10 +1,10 @@
 """Preference data: loading, validation, chat templates, tokenised pairs, batching."""
 
-from refdpo.data.collate import collate_pairs, to_device
+from refdpo.data.collate import collate_packed, collate_pairs, to_device
 from refdpo.data.loading import RawSplit, load_split
 from refdpo.data.pairs import PairData, build_pairs
 from refdpo.data.sampler import PairSampler, eval_batches
 from refdpo.data.schema import DEFAULT_REF_COLUMNS, parse_ref_columns
 
-__all__ = ["DEFAULT_REF_COLUMNS", "PairData", "PairSampler", "RawSplit", "build_pairs", "collate_pairs",
+__all__ = ["DEFAULT_REF_COLUMNS", "PairData", "PairSampler", "RawSplit", "build_pairs", "collate_packed", "collate_pairs",
            "eval_batches", "load_split", "parse_ref_columns", "to_device"]

@@ -47,6 +47,67 @@ def collate_pairs(data: PairData, indices: np.ndarray, weights: np.ndarray, pad_
     }
 
 
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: sequence indices grouped into rows of at most `capacity` tokens (a sequence
+    longer than that gets a row of its own). Deterministic: ties keep the original order."""
+    rows, room = [], []
+    for k in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        for r, free in enumerate(room):
+            if lengths[k] <= free:
+                rows[r].append(k)
+                room[r] -= lengths[k]
+                break
+        else:
+            rows.append([k])
+            room.append(capacity - lengths[k])
+    return rows
+
+
+def collate_packed(data: PairData, indices: np.ndarray, weights: np.ndarray, pad_id: int, capacity: int = 0,
+                   pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
+    """The pairs' 2B sequences packed into rows without padding between them (padding-free training).
+
+    Each row holds whole sequences back to back, position ids restarting at 0 for each, and no attention mask:
+    transformers then derives a block-diagonal causal mask from the position ids (a varlen kernel with
+    flash-attention), so every sequence sees only itself, exactly as in its own padded row. Rows hold at most
+    max(`capacity`, longest sequence) tokens: wider rows waste less padding but cost more attention on a CPU,
+    where the mask is dense. Sequence k (chosen of pair k, then rejected of pair k at B + k) gets its response
+    log-probs from the positions flat_index with segment == k, as in `collate_shared`.
+
+    Returns input_ids/position_ids [R, W]; flat_index/targets/segment [M]; response_start/lengths [2B] (of each
+    sequence on its own); ref_chosen/ref_rejected/weights float64 [B]; num_tokens.
+    """
+    padded = collate_pairs(data, indices, weights, pad_id, 1)  # the per-pair tensors, and the sequences
+    lengths = padded["lengths"].tolist()
+    starts = padded["response_start"].tolist()
+    rows = pack_rows(lengths, max(capacity, max(lengths)))
+    width = -(-max(sum(lengths[k] for k in row) for row in rows) // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.arange(width).repeat(len(rows), 1)  # the padded tail counts as one more sequence
+    flat_index, targets, segment = [], [], []
+    for r, row in enumerate(rows):
+        offset = 0
+        for k in row:
+            n, s = lengths[k], starts[k]
+            seq = padded["input_ids"][k, :n]
+            input_ids[r, offset:offset + n] = seq
+            position_ids[r, offset:offset + n] = torch.arange(n)
+            position_ids[r, offset + n:] = torch.arange(width - offset - n)
+            flat_index.append(torch.arange(r * width + offset + s - 1, r * width + offset + n - 1))
+            targets.append(seq[s:])
+            segment.append(torch.full((n - s,), k, dtype=torch.long))
+            offset += n
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "flat_index": torch.cat(flat_index),
+        "targets": torch.cat(targets),
+        "segment": torch.cat(segment),
+        **{key: padded[key] for key in ("response_start", "lengths", "ref_chosen", "ref_rejected", "weights",
+                                        "num_tokens")},
+    }
+
+
 def shares_prompt(data: PairData, i: int) -> bool:
     """Do pair i's chosen and rejected sequences start with the same tokenised prompt?"""
     c, r = data.chosen[i], data.rejected[i]

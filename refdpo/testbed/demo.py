@@ -363,6 +363,9 @@ def _worker_init() -> None:
     import torch
     import transformers
 
+    from refdpo.runtime import tune_allocator
+
+    tune_allocator()
     torch.set_num_threads(1)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
