@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-CHUNK_ELEMENTS = 1 << 25  # float32 logits per chunk: 128 MiB (512 rows at V=64k)
+CHUNK_ELEMENTS = 1 << 24  # float32 logits per chunk: 64 MiB (512 rows at V=32k, 128 at 128k)
 
 
 def prediction_mask(response_start: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:

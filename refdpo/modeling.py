@@ -125,3 +125,21 @@ def load_vllm(spec, **kwargs):
         raise ConfigError("--backend vllm needs the vllm package (pip install vllm)") from None
     return LLM(model=spec.model, tokenizer=spec.tokenizer or spec.model, revision=spec.revision, dtype=spec.dtype,
                trust_remote_code=spec.trust_remote_code, tensor_parallel_size=spec.tensor_parallel_size, **kwargs)
+
+
+def mask_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of a custom 4D attention mask: sdpa takes bool (a quarter of the memory), eager adds a float."""
+    attn = getattr(model.config, "_attn_implementation", "eager")
+    return torch.bool if attn == "sdpa" else next(model.parameters()).dtype
+
+
+def custom_mask_problem(model: torch.nn.Module, longest: int) -> str | None:
+    """Why this model cannot take a custom 4D attention mask over sequences of up to `longest` tokens, or None."""
+    config = model.config
+    attn = getattr(config, "_attn_implementation", None)
+    if attn not in ("sdpa", "eager"):
+        return f"attention {attn!r} takes no custom 4D mask"
+    window = getattr(config, "sliding_window", None)
+    if isinstance(window, int) and window < longest:
+        return f"sliding-window attention ({window} tokens) would be bypassed by a custom mask"
+    return None

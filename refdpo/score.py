@@ -53,11 +53,13 @@ from refdpo.data.writing import check_writable, output_format, push_to_hub, writ
 from refdpo.errors import ConfigError, RefdpoError
 from refdpo.logprobs import head_matches_model, sequence_logprobs, token_logprobs_at
 from refdpo.modeling import (
+    custom_mask_problem,
     inference_dtype,
     input_device,
     load_frozen,
     load_tokenizer,
     load_vllm,
+    mask_dtype,
     pad_token_id,
 )
 
@@ -136,19 +138,13 @@ def plan_batches(data: PairData, batch_tokens: int, max_batch_pairs: int, share:
     return plan
 
 
-def _mask_dtype(model: torch.nn.Module) -> torch.dtype:
-    """sdpa takes a boolean mask (a quarter of the memory); eager attention adds a float one."""
-    attn = getattr(model.config, "_attn_implementation", "eager")
-    return torch.bool if attn == "sdpa" else next(model.parameters()).dtype
-
-
 @torch.inference_mode()
 def score_batch(model: torch.nn.Module, data: PairData, indices: list, shared: bool, pad_id: int,
                 fused: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Summed response log-probs (chosen, rejected) float64 for the pairs `indices`."""
     device, n = input_device(model), len(indices)
     if shared:
-        batch = to_device(collate_shared(data, indices, pad_id, _mask_dtype(model)), device)
+        batch = to_device(collate_shared(data, indices, pad_id, mask_dtype(model)), device)
         token_lp = token_logprobs_at(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
                                      batch["flat_index"], batch["targets"], fused)
         sums = torch.zeros(2 * n, dtype=torch.float64, device=device).index_add_(0, batch["segment"],
@@ -162,14 +158,9 @@ def score_batch(model: torch.nn.Module, data: PairData, indices: list, shared: b
 
 def _sharing_possible(model: torch.nn.Module, data: PairData) -> str | None:
     """Why the shared-prompt layout cannot be used with this model, or None."""
-    config = model.config
-    attn = getattr(config, "_attn_implementation", None)
-    if attn not in ("sdpa", "eager"):
-        return f"attention {attn!r} takes no custom 4D mask"
-    longest = max(data.num_tokens(i) for i in range(len(data)))
-    window = getattr(config, "sliding_window", None)
-    if isinstance(window, int) and window < longest:
-        return f"sliding-window attention ({window} tokens) would be bypassed by a custom mask"
+    problem = custom_mask_problem(model, max(data.num_tokens(i) for i in range(len(data))))
+    if problem:
+        return problem
     if not any(shares_prompt(data, i) for i in range(min(len(data), 64))):
         return "the pairs' tokenised prompts differ"
     return None

@@ -42,7 +42,14 @@ from refdpo.errors import ConfigError
 from refdpo.evaluate import evaluate_pairs, forward_pairs
 from refdpo.logprobs import head_matches_model, sequence_logprobs
 from refdpo.metrics import MetricsLog, PairStats
-from refdpo.modeling import load_policy, load_tokenizer, pad_token_id, reset_accelerate_state
+from refdpo.modeling import (
+    custom_mask_problem,
+    load_policy,
+    load_tokenizer,
+    mask_dtype,
+    pad_token_id,
+    reset_accelerate_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,18 +131,19 @@ def _peak_memory_gb(device: torch.device) -> float:
 
 
 @torch.no_grad()
-def _packing_works(model, data: PairData, pad_id: int, device: torch.device, fused: bool) -> tuple[bool, float]:
+def _packing_works(model, data: PairData, pad_id: int, device: torch.device, fused: bool,
+                   layout: dict) -> tuple[bool, float]:
     """Do packed rows give every sequence the log-prob of its own padded row? A model whose attention ignores
-    the position-id restarts would let packed sequences see each other: checked once, on two real pairs packed
-    into a single row, before trusting it. Returns (ok, max abs difference)."""
+    the position-id restarts, or the custom mask, would let packed sequences see each other: checked once, on
+    two real pairs packed into a single row, before trusting it. Returns (ok, max abs difference)."""
     indices = np.arange(min(2, len(data)))
     weights = np.ones(len(indices))
     was_training = model.training
     model.eval()
     try:
         padded = sequence_logprobs(model, to_device(collate_pairs(data, indices, weights, pad_id), device), fused)[0]
-        packed = sequence_logprobs(model, to_device(collate_packed(data, indices, weights, pad_id, 1 << 30), device),
-                                   fused)[0]
+        packed = collate_packed(data, indices, weights, pad_id, **{**layout, "capacity": 1 << 30})
+        packed = sequence_logprobs(model, to_device(packed, device), fused)[0]
     finally:
         model.train(was_training)
     diff = (packed - padded).abs().max().item()
@@ -143,14 +151,22 @@ def _packing_works(model, data: PairData, pad_id: int, device: torch.device, fus
 
 
 def _collate_fn(cfg: TrainConfig, model, data: PairData, pad_id: int, device: torch.device, fused: bool):
-    """collate_packed when packing is on and checked to be exact for this model, else collate_pairs."""
-    if cfg.packing:
-        ok, diff = _packing_works(model, data, pad_id, device, fused)
+    """The batch layout: packed rows with each pair's prompt computed once (a custom mask: sdpa, eager), packed
+    rows of whole sequences (flash-attention's varlen kernel, or where the custom mask cannot be used), or padded
+    rows; each packed layout only after it reproduced the padded one on real pairs."""
+    if not cfg.packing:
+        return collate_pairs
+    inner = getattr(model, "module", model)  # under a DDP/DeepSpeed wrapper: the model that has the config
+    problem = custom_mask_problem(inner, max(data.num_tokens(i) for i in range(len(data))))
+    flash = getattr(inner.config, "_attn_implementation", "") == "flash_attention_2"
+    layouts = ([] if problem else [{"mask_dtype": mask_dtype(inner)}]) + [{"mask_dtype": None}]
+    for layout in layouts:
+        ok, diff = _packing_works(model, data, pad_id, device, fused, layout)
         if ok:
-            flash = getattr(getattr(model, "config", None), "_attn_implementation", "") == "flash_attention_2"
-            return partial(collate_packed, capacity=cfg.pack_capacity or (1 << 30 if flash else 0))
-        log.warning("packed sequences disagree with padded ones for this model (max diff %.2g): training "
-                    "without packing", diff)
+            capacity = cfg.pack_capacity or (1 << 30 if flash and layout["mask_dtype"] is None else 0)
+            return partial(collate_packed, capacity=capacity, **layout)
+        log.warning("packed layout %s disagrees with padded rows for this model (max diff %.2g)", layout, diff)
+    log.warning("training without packing")
     return collate_pairs
 
 

@@ -44,15 +44,23 @@ def test_pack_rows_first_fit_decreasing():
     assert pack_rows([20, 3], 10) == [[0], [1]]  # a sequence longer than the capacity gets its own row
 
 
+LAYOUTS = {"sequences": None, "shared_prompts": torch.bool}
+
+
 @pytest.mark.parametrize("capacity", [0, 1 << 30], ids=["rows_of_the_longest", "one_row"])
-def test_packed_equals_padded_in_float64(pairs, model, capacity):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_packed_equals_padded_in_float64(pairs, model, capacity, layout):
     import copy
 
     data, pad = pairs
     model64 = copy.deepcopy(model).double()
     idx, w = np.arange(6), np.ones(6)
     padded = collate_pairs(data, idx, w, pad)
-    packed = collate_packed(data, idx, w, pad, capacity)
+    mask = LAYOUTS[layout] if LAYOUTS[layout] is None else torch.float64  # eager-style float mask for float64
+    packed = collate_packed(data, idx, w, pad, capacity, mask_dtype=mask)
+    if layout == "shared_prompts":  # each prompt once: fewer positions than the sequences' tokens
+        assert packed["flat_index"].numel() == padded["lengths"].sub(padded["response_start"]).sum()
+        assert (packed["position_ids"] >= 0).all() and packed["input_ids"].numel() < int(padded["num_tokens"])
     assert packed["input_ids"].numel() <= padded["input_ids"].numel()
     assert int(packed["num_tokens"]) == int(padded["num_tokens"])
     with torch.no_grad():
@@ -62,13 +70,15 @@ def test_packed_equals_padded_in_float64(pairs, model, capacity):
     assert torch.equal(sequence_logprobs(model64, packed)[1], sequence_logprobs(model64, padded)[1])
 
 
-def test_packed_gradients_equal_padded(pairs, model):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_packed_gradients_equal_padded(pairs, model, layout):
     import copy
 
     data, pad = pairs
     idx, w = np.arange(4), np.ones(4)
     grads = []
-    for batch in (collate_pairs(data, idx, w, pad), collate_packed(data, idx, w, pad)):
+    mask = None if LAYOUTS[layout] is None else torch.float64
+    for batch in (collate_pairs(data, idx, w, pad), collate_packed(data, idx, w, pad, mask_dtype=mask)):
         m = copy.deepcopy(model).double().train()
         logps = sequence_logprobs(m, batch, fused=True)[0]
         (logps[:4] - logps[4:]).sum().backward()
@@ -77,12 +87,13 @@ def test_packed_gradients_equal_padded(pairs, model):
     assert (grads[0] - grads[1]).abs().max().item() <= GRAD_REL_TOL * max(1.0, scale)
 
 
-def test_packed_float32_fused_head(pairs, model):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_packed_float32_fused_head(pairs, model, layout):
     data, pad = pairs
     idx, w = np.arange(8), np.ones(8)
     with torch.no_grad():
         a = sequence_logprobs(model, collate_pairs(data, idx, w, pad))[0]
-        b = sequence_logprobs(model, collate_packed(data, idx, w, pad))[0]
+        b = sequence_logprobs(model, collate_packed(data, idx, w, pad, mask_dtype=LAYOUTS[layout]))[0]
     assert (a - b).abs().max().item() < F32_TOL
 
 
@@ -92,8 +103,21 @@ def test_start_up_check_falls_back_when_attention_mixes_sequences(pairs, model, 
     from refdpo.train import _packing_works
 
     data, pad = pairs
-    assert _packing_works(model, data, pad, torch.device("cpu"), True)[0]
+    cpu, sequences, shared = torch.device("cpu"), {"mask_dtype": None}, {"mask_dtype": torch.bool}
+    assert _packing_works(model, data, pad, cpu, True, sequences)[0]
+    assert _packing_works(model, data, pad, cpu, True, shared)[0]
     # A model that ignores the position-id restarts: packed sequences would attend to each other.
     monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)
-    ok, diff = _packing_works(model, data, pad, torch.device("cpu"), True)
+    ok, diff = _packing_works(model, data, pad, cpu, True, sequences)
     assert not ok and diff > 1e-2
+
+
+def test_training_picks_the_shared_prompt_layout(pairs, model):
+    from refdpo.config import TrainConfig
+    from refdpo.train import _collate_fn
+
+    data, pad = pairs
+    chosen = _collate_fn(TrainConfig(model="m", dataset="d"), model, data, pad, torch.device("cpu"), True)
+    assert chosen.keywords["mask_dtype"] == torch.bool  # sdpa: each prompt once, a boolean mask
+    assert _collate_fn(TrainConfig(model="m", dataset="d", packing=False), model, data, pad,
+                       torch.device("cpu"), True) is collate_pairs

@@ -32,9 +32,9 @@ from refdpo.data.templates import Encoded
 from refdpo.data.writing import output_format
 from refdpo.errors import ConfigError, DataError, DataErrors, RefdpoError
 from refdpo.modeling import load_tokenizer, pad_token_id
+from refdpo.modeling import mask_dtype as modeling_mask_dtype
 from refdpo.score import (
     ScoreConfig,
-    _mask_dtype,
     decide_layout,
     plan_batches,
     score,
@@ -462,7 +462,7 @@ def test_cli_bad_settings_are_one_line(extra, message, tiny_setup, tmp_path, cap
 def test_shared_prompt_layout_equals_the_plain_one(attn, models, val_data, tok):
     model, pad = models[attn], pad_token_id(tok)
     assert model.config._attn_implementation == attn
-    mask_dtype = _mask_dtype(model)
+    mask_dtype = modeling_mask_dtype(model)
     assert mask_dtype == (torch.bool if attn == "sdpa" else torch.float32)
     assert collate_shared(val_data, [0, 1], pad, mask_dtype)["attention_mask"].dtype == mask_dtype
     assert all(shares_prompt(val_data, i) for i in range(len(val_data)))

@@ -64,44 +64,84 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def collate_packed(data: PairData, indices: np.ndarray, weights: np.ndarray, pad_id: int, capacity: int = 0,
-                   pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
-    """The pairs' 2B sequences packed into rows without padding between them (padding-free training).
+                   mask_dtype: torch.dtype | None = None, pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
+    """The pairs' sequences packed into rows without padding between them (padding-free training).
 
-    Each row holds whole sequences back to back, position ids restarting at 0 for each, and no attention mask:
-    transformers then derives a block-diagonal causal mask from the position ids (a varlen kernel with
-    flash-attention), so every sequence sees only itself, exactly as in its own padded row. Rows hold at most
-    max(`capacity`, longest sequence) tokens: wider rows waste less padding but cost more attention on a CPU,
-    where the mask is dense. Sequence k (chosen of pair k, then rejected of pair k at B + k) gets its response
-    log-probs from the positions flat_index with segment == k, as in `collate_shared`.
+    A row holds whole units back to back. With `mask_dtype` None a unit is one sequence, its position ids
+    restart at 0, and there is no attention mask: transformers derives a block-diagonal causal mask from the
+    position ids (a varlen kernel with flash-attention). With a `mask_dtype`, a pair whose chosen and rejected
+    sequences share their prompt is one unit [prompt | chosen | rejected], the prompt computed once (a fifth of
+    the tokens at RefDPO's lengths), with an explicit [R, 1, W, W] mask in that dtype (bool: True attends; a
+    float dtype: 0 or the most negative value, for eager attention) letting each response see the prompt and
+    itself only, the rejected positions restarting after the prompt (as `collate_shared` does for scoring).
+    Either way every sequence's log-probs are those of its own padded row.
 
-    Returns input_ids/position_ids [R, W]; flat_index/targets/segment [M]; response_start/lengths [2B] (of each
-    sequence on its own); ref_chosen/ref_rejected/weights float64 [B]; num_tokens.
+    Rows hold at most max(`capacity`, longest unit) tokens: wider rows waste less padding but cost more
+    attention where the mask is dense. Sequence k (chosen of pair k, rejected of pair k at B + k) gets its
+    response log-probs from the positions flat_index with segment == k.
+
+    Returns input_ids/position_ids [R, W], attention_mask (None or [R, 1, W, W]); flat_index/targets/segment
+    [M]; response_start/lengths [2B] (of each sequence on its own); ref_chosen/ref_rejected/weights float64
+    [B]; num_tokens (of the sequences unshared, as collate_pairs counts them).
     """
     padded = collate_pairs(data, indices, weights, pad_id, 1)  # the per-pair tensors, and the sequences
-    lengths = padded["lengths"].tolist()
-    starts = padded["response_start"].tolist()
-    rows = pack_rows(lengths, max(capacity, max(lengths)))
-    width = -(-max(sum(lengths[k] for k in row) for row in rows) // pad_to_multiple_of) * pad_to_multiple_of
+    n = len(indices)
+    units = []  # (prefix ids, [(segment, response ids)])
+    for j, i in enumerate(indices):
+        c, r = data.chosen[i], data.rejected[i]
+        if mask_dtype is not None and shares_prompt(data, i):
+            p = c.response_start
+            units.append((c.input_ids[:p], [(j, c.input_ids[p:]), (n + j, r.input_ids[p:])]))
+        else:
+            for seg, e in ((j, c), (n + j, r)):
+                units.append((e.input_ids[:e.response_start], [(seg, e.input_ids[e.response_start:])]))
+    sizes = [len(prefix) + sum(len(resp) for _, resp in responses) for prefix, responses in units]
+    rows = pack_rows(sizes, max(capacity, max(sizes)))
+    width = -(-max(sum(sizes[u] for u in row) for row in rows) // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     position_ids = torch.arange(width).repeat(len(rows), 1)  # the padded tail counts as one more sequence
+    unit_of = torch.full((len(rows), width), -1, dtype=torch.long)  # which unit a position belongs to
+    part_of = torch.zeros((len(rows), width), dtype=torch.long)  # 0: prefix, k: its k-th response
     flat_index, targets, segment = [], [], []
     for r, row in enumerate(rows):
-        offset = 0
-        for k in row:
-            n, s = lengths[k], starts[k]
-            seq = padded["input_ids"][k, :n]
-            input_ids[r, offset:offset + n] = seq
-            position_ids[r, offset:offset + n] = torch.arange(n)
-            position_ids[r, offset + n:] = torch.arange(width - offset - n)
-            flat_index.append(torch.arange(r * width + offset + s - 1, r * width + offset + n - 1))
-            targets.append(seq[s:])
-            segment.append(torch.full((n - s,), k, dtype=torch.long))
-            offset += n
+        at = 0
+        for u in row:
+            prefix, responses = units[u]
+            p = len(prefix)
+            input_ids[r, at:at + p] = torch.from_numpy(prefix)
+            position_ids[r, at:at + p] = torch.arange(p)
+            unit_of[r, at:at + p] = u
+            cursor = at + p
+            for part, (seg, resp) in enumerate(responses, start=1):
+                m = len(resp)
+                input_ids[r, cursor:cursor + m] = torch.from_numpy(resp)
+                position_ids[r, cursor:cursor + m] = torch.arange(p, p + m)
+                unit_of[r, cursor:cursor + m], part_of[r, cursor:cursor + m] = u, part
+                # The prompt's last position predicts each response's first token; then each its own next.
+                first = [at + p - 1] if p else []
+                flat_index.append(r * width + torch.tensor(first + list(range(cursor, cursor + m - 1)),
+                                                           dtype=torch.long))
+                targets.append(torch.from_numpy(resp[1 - len(first):]))
+                segment.append(torch.full((m - 1 + len(first),), seg, dtype=torch.long))
+                cursor += m
+            position_ids[r, cursor:] = torch.arange(width - cursor)
+            at = cursor
+    mask = None
+    if mask_dtype is not None:
+        q_unit, k_unit = unit_of[:, :, None], unit_of[:, None, :]
+        q_part, k_part = part_of[:, :, None], part_of[:, None, :]
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        mask = causal & (q_unit == k_unit) & (q_unit >= 0) & ((k_part == 0) | (k_part == q_part))
+        mask |= torch.eye(width, dtype=torch.bool)  # a padding query attends to itself: no all-masked row
+        mask = mask[:, None]
+        if mask_dtype != torch.bool:
+            mask = torch.zeros(mask.shape, dtype=mask_dtype).masked_fill_(~mask, torch.finfo(mask_dtype).min)
     return {
         "input_ids": input_ids,
         "position_ids": position_ids,
+        "attention_mask": mask,
         "flat_index": torch.cat(flat_index),
-        "targets": torch.cat(targets),
+        "targets": torch.cat(targets).long(),
         "segment": torch.cat(segment),
         **{key: padded[key] for key in ("response_start", "lengths", "ref_chosen", "ref_rejected", "weights",
                                         "num_tokens")},
