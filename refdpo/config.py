@@ -128,6 +128,8 @@ class TrainConfig(ObjectiveSpec, DataSpec, ModelSpec):
                                "precision), bfloat16, float16")
     mixed_precision: str | None = option(None, "no | bf16 | fp16; default: what `accelerate launch` was given")
     gradient_checkpointing: bool = option(True, "recompute activations in backward (non-reentrant)")
+    liger: bool = option(False, "Liger's fused kernels for RMSNorm, SwiGLU and RoPE (GPU; needs liger-kernel)")
+    compile: bool = option(False, "torch.compile each decoder layer (GPU; on a CPU it needs a C++ compiler)")
     lora: bool = option(False, "train LoRA adapters (peft) instead of all weights")
     lora_r: int = option(16, "LoRA rank")
     lora_alpha: int = option(32, "LoRA alpha")

@@ -66,6 +66,13 @@ def load_policy(cfg, device: torch.device) -> torch.nn.Module:
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.liger:
+        _apply_liger(model)
+    if cfg.compile:
+        # Layer by layer, not the whole model: refdpo redirects the LM head's forward at call time (logprobs.py),
+        # which a whole-model graph would bake in; the layers share one compiled graph.
+        for layer in _decoder_layers(model):
+            layer.compile()
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -75,6 +82,24 @@ def load_policy(cfg, device: torch.device) -> torch.nn.Module:
                           target_modules=targets if targets == "all-linear" else targets.split(","))
         model = get_peft_model(model, lora)
     return model
+
+
+def _apply_liger(model: torch.nn.Module) -> None:
+    """Liger's fused Triton kernels for the model's RMSNorm, SwiGLU MLP and rotary embedding (GPU only). Its
+    fused linear cross-entropy is not used: refdpo's own chunked head computes the log-probs DPO needs."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        raise ConfigError("--liger needs the liger-kernel package (GPU): pip install 'refdpo[liger]'") from None
+    _apply_liger_kernel_to_instance(model=model, rms_norm=True, swiglu=True, rope=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+
+
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ConfigError(f"--compile: {type(model).__name__} has no model.layers to compile")
+    return list(layers)
 
 
 def inference_dtype(name: str, device: torch.device) -> torch.dtype:

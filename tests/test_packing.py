@@ -121,3 +121,17 @@ def test_training_picks_the_shared_prompt_layout(pairs, model):
     assert chosen.keywords["mask_dtype"] == torch.bool  # sdpa: each prompt once, a boolean mask
     assert _collate_fn(TrainConfig(model="m", dataset="d", packing=False), model, data, pad,
                        torch.device("cpu"), True) is collate_pairs
+
+
+def test_liger_without_the_package_is_a_clear_error(tiny_setup, tmp_path):
+    import importlib.util
+
+    from helpers import train_config
+
+    from refdpo.errors import ConfigError
+    from refdpo.train import train
+
+    if importlib.util.find_spec("liger_kernel") is not None:
+        pytest.skip("liger-kernel is installed here")
+    with pytest.raises(ConfigError, match="liger-kernel"):
+        train(train_config(tiny_setup, tmp_path / "run", liger=True, max_train_pairs=8))
