@@ -63,6 +63,21 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def _prefix_mask(unit: torch.Tensor, part: torch.Tensor, mask_dtype: torch.dtype) -> torch.Tensor:
+    """[R, 1, W, W] attention mask from per-position labels [R, W]: `unit` (-1 for padding) and `part` (0 for
+    the unit's shared prefix, k for its k-th response). A query attends to earlier keys of its own unit that are
+    the prefix or its own part; a padding query to itself only (no all-masked row). bool: True attends; a float
+    dtype: 0 or the most negative value (eager attention)."""
+    width = unit.shape[1]
+    q_unit, k_unit, q_part, k_part = unit[:, :, None], unit[:, None, :], part[:, :, None], part[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    mask = causal & (q_unit == k_unit) & (q_unit >= 0) & ((k_part == 0) | (k_part == q_part))
+    mask = (mask | torch.eye(width, dtype=torch.bool))[:, None]
+    if mask_dtype != torch.bool:
+        mask = torch.zeros(mask.shape, dtype=mask_dtype).masked_fill_(~mask, torch.finfo(mask_dtype).min)
+    return mask
+
+
 def collate_packed(data: PairData, indices: np.ndarray, weights: np.ndarray, pad_id: int, capacity: int = 0,
                    mask_dtype: torch.dtype | None = None, pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
     """The pairs' sequences packed into rows without padding between them (padding-free training).
@@ -126,16 +141,7 @@ def collate_packed(data: PairData, indices: np.ndarray, weights: np.ndarray, pad
                 cursor += m
             position_ids[r, cursor:] = torch.arange(width - cursor)
             at = cursor
-    mask = None
-    if mask_dtype is not None:
-        q_unit, k_unit = unit_of[:, :, None], unit_of[:, None, :]
-        q_part, k_part = part_of[:, :, None], part_of[:, None, :]
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        mask = causal & (q_unit == k_unit) & (q_unit >= 0) & ((k_part == 0) | (k_part == q_part))
-        mask |= torch.eye(width, dtype=torch.bool)  # a padding query attends to itself: no all-masked row
-        mask = mask[:, None]
-        if mask_dtype != torch.bool:
-            mask = torch.zeros(mask.shape, dtype=mask_dtype).masked_fill_(~mask, torch.finfo(mask_dtype).min)
+    mask = None if mask_dtype is None else _prefix_mask(unit_of, part_of, mask_dtype)
     return {
         "input_ids": input_ids,
         "position_ids": position_ids,
@@ -193,13 +199,7 @@ def collate_shared(data: PairData, indices: np.ndarray, pad_id: int, mask_dtype:
         flat_index += [base + chosen_from, base + rejected_from]
         targets += [chosen, rejected]
         segment += [np.full(nc, row), np.full(nr, b + row)]
-    q, k = segments[:, :, None], segments[:, None, :]
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    allowed = causal & ((k == 0) | (k == q)) & (q >= 0) & (k >= 0)
-    allowed |= torch.eye(width, dtype=torch.bool)  # a padding query attends to itself: no all-masked row
-    allowed = allowed[:, None]
-    if mask_dtype != torch.bool:
-        allowed = torch.zeros(allowed.shape, dtype=mask_dtype).masked_fill_(~allowed, torch.finfo(mask_dtype).min)
+    allowed = _prefix_mask(torch.where(segments >= 0, 0, -1), segments.clamp(min=0), mask_dtype)
     return {
         "input_ids": input_ids,
         "position_ids": position_ids,
