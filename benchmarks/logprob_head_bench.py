@@ -73,6 +73,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchutil import cpu_busy_s, reset_peak_rss, status_kb  # noqa: E402 (its own folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
@@ -90,26 +91,6 @@ RESULT_TAG = "RESULT "  # the worker's last stdout line: this tag, then its JSON
 
 # ------------------------------------------------------------------------------------------------ in a worker
 
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:  # Linux: writing 5 resets VmHWM to the current RSS
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _malloc_trim() -> bool | None:
     """glibc: give free heap memory (every arena) back to the kernel; None where there is no malloc_trim."""
     try:
@@ -119,17 +100,6 @@ def _malloc_trim() -> bool | None:
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return bool(trim(0))
-
-
-def _cpu_busy_s() -> float | None:
-    """Seconds of CPU time the whole machine has spent busy (all processes, all cores), from /proc/stat."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def make_inputs(vocab: int, tokens: int, hidden_size: int, seed: int,
@@ -202,13 +172,13 @@ def measure(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         baseline = torch.cuda.memory_allocated(device)
     else:
-        info["rss_after_warmup_mb"] = (_status_kb("VmRSS") or 0) / 1024
+        info["rss_after_warmup_mb"] = (status_kb("VmRSS") or 0) / 1024
         info["malloc_trim"] = _malloc_trim()
-        baseline_kb = _status_kb("VmRSS")
-        reset = _reset_peak_rss()
+        baseline_kb = status_kb("VmRSS")
+        reset = reset_peak_rss()
 
     seconds, peak_by_rep = [], []
-    busy0, cpu0, wall0 = _cpu_busy_s(), time.process_time(), time.perf_counter()
+    busy0, cpu0, wall0 = cpu_busy_s(), time.process_time(), time.perf_counter()
     for rep in range(spec["reps"]):
         if rep:
             zero_grads()
@@ -221,8 +191,8 @@ def measure(spec: dict) -> dict:
         if device.type == "cuda":
             peak_by_rep.append((torch.cuda.max_memory_allocated(device) - baseline) / 2**20)
         elif reset and baseline_kb is not None:
-            peak_by_rep.append(((_status_kb("VmHWM") or baseline_kb) - baseline_kb) / 1024)
-    wall, cpu, busy1 = time.perf_counter() - wall0, time.process_time() - cpu0, _cpu_busy_s()
+            peak_by_rep.append(((status_kb("VmHWM") or baseline_kb) - baseline_kb) / 1024)
+    wall, cpu, busy1 = time.perf_counter() - wall0, time.process_time() - cpu0, cpu_busy_s()
     info["peak_extra_mb_after_each_pass"] = peak_by_rep
     # The gradients of weight [V, d] and hidden [M, d] that every method must return (float32).
     info["gradients_mb"] = (vocab + tokens) * spec["hidden"] * 4 / 2**20
@@ -232,7 +202,7 @@ def measure(spec: dict) -> dict:
         info.update(baseline_mb=baseline / 2**20, abs_peak_mb=peak / 2**20, peak_extra_mb=(peak - baseline) / 2**20,
                     memory="cuda allocated", gpu=torch.cuda.get_device_name(device))
     else:
-        peak_kb = _status_kb("VmHWM") if reset else None
+        peak_kb = status_kb("VmHWM") if reset else None
         ok = peak_kb is not None and baseline_kb is not None
         info.update(baseline_mb=baseline_kb / 1024 if baseline_kb is not None else None,
                     abs_peak_mb=peak_kb / 1024 if peak_kb is not None else None,

@@ -71,6 +71,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from benchutil import cpu_busy_s, reset_peak_rss, status_kb, wait_for_quiet  # noqa: E402 (its own folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
@@ -282,49 +283,18 @@ class TrlPrecompute:
 
 # ---------------------------------------------------------------------------------------------- measurement
 
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:  # Linux: writing 5 resets VmHWM to the current RSS
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _cpu_busy_s() -> float | None:
-    """Seconds of CPU time the whole machine has spent busy (all processes, all cores), from /proc/stat."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 def timed(fn: Scorer) -> tuple[float, tuple[np.ndarray, np.ndarray], dict]:
     """Seconds, result, and what else happened: this process's CPU seconds, the share of the machine's cores
     that other processes kept busy (a contended run is slower for reasons no tool controls), and memory
     (peak RSS during the call and its growth over the RSS at the start, MB)."""
-    reset = _reset_peak_rss()
-    start_kb = _status_kb("VmRSS")
-    busy0, cpu0 = _cpu_busy_s(), time.process_time()
+    reset = reset_peak_rss()
+    start_kb = status_kb("VmRSS")
+    busy0, cpu0 = cpu_busy_s(), time.process_time()
     t0 = time.perf_counter()
     result = fn()
     seconds = time.perf_counter() - t0
-    cpu, busy1 = time.process_time() - cpu0, _cpu_busy_s()
-    peak_kb = _status_kb("VmHWM") if reset else None
+    cpu, busy1 = time.process_time() - cpu0, cpu_busy_s()
+    peak_kb = status_kb("VmHWM") if reset else None
     other = None
     if busy0 is not None and busy1 is not None:
         other = max(0.0, (busy1 - busy0 - cpu) / (seconds * (os.cpu_count() or 1)))
@@ -334,26 +304,6 @@ def timed(fn: Scorer) -> tuple[float, tuple[np.ndarray, np.ndarray], dict]:
     return seconds, result, info
 
 
-def other_load_now(seconds: float = 1.0) -> float | None:
-    """Share of the machine's cores other processes keep busy, sampled over `seconds`."""
-    busy0, cpu0 = _cpu_busy_s(), time.process_time()
-    time.sleep(seconds)
-    busy1, cpu1 = _cpu_busy_s(), time.process_time()
-    if busy0 is None or busy1 is None:
-        return None
-    return max(0.0, (busy1 - busy0 - (cpu1 - cpu0)) / (seconds * (os.cpu_count() or 1)))
-
-
-def wait_for_quiet(threshold: float, max_wait: float) -> float:
-    """Wait (at most `max_wait` s) until other processes use at most `threshold` of the cores; seconds waited."""
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < max_wait:
-        load = other_load_now()
-        if load is None or load <= threshold:
-            break
-    return time.perf_counter() - t0
-
-
 def run_pass(tool: str, fn: Scorer, prepare: Callable[[], None] | None,
              args: argparse.Namespace) -> tuple[float, tuple[np.ndarray, np.ndarray], dict]:
     """One timed pass, redone (up to --retries times) when other processes took more than --max-other-load of
@@ -361,7 +311,7 @@ def run_pass(tool: str, fn: Scorer, prepare: Callable[[], None] | None,
     contended attempt is kept; the others are returned under "discarded_contended"."""
     attempts = []
     for attempt in range(1 + args.retries):
-        waited = wait_for_quiet(args.max_other_load, args.idle_wait)
+        waited, _ = wait_for_quiet(args.max_other_load, args.idle_wait)
         if prepare is not None:
             prepare()
         seconds, result, info = timed(fn)

@@ -127,6 +127,7 @@ else:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from benchutil import cpu_busy_s, reset_peak_rss, status_kb, wait_for_quiet  # noqa: E402 (its own folder)
 
 TEMPLATE = "tulu"
 BATCH = 8  # pairs per step
@@ -238,59 +239,6 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 # ---------------------------------------------------------------------------------------------- measurement
 
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:  # Linux: writing 5 resets VmHWM to the current RSS
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _cpu_busy_s() -> float | None:
-    """Seconds of CPU time the whole machine has spent busy (all processes, all cores), from /proc/stat."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def other_load_now(seconds: float = 1.0) -> float | None:
-    """Share of the machine's cores other processes keep busy, sampled over `seconds`."""
-    busy0, cpu0 = _cpu_busy_s(), time.process_time()
-    time.sleep(seconds)
-    busy1, cpu1 = _cpu_busy_s(), time.process_time()
-    if busy0 is None or busy1 is None:
-        return None
-    return max(0.0, (busy1 - busy0 - (cpu1 - cpu0)) / (seconds * (os.cpu_count() or 1)))
-
-
-def wait_for_quiet(threshold: float, max_wait: float) -> tuple[float, float | None]:
-    """Wait (at most `max_wait` s) until other processes use at most `threshold` of the cores.
-    Returns (seconds waited, the last load sampled)."""
-    t0 = time.perf_counter()
-    load = None
-    while True:
-        load = other_load_now()
-        if load is None or load <= threshold or time.perf_counter() - t0 >= max_wait:
-            break
-    return time.perf_counter() - t0, load
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -305,17 +253,17 @@ class Window:
         self.info: dict | None = None
 
     def start(self) -> None:
-        self.peak_before_kb = _status_kb("VmHWM")  # the process's peak so far (setup)
-        self.reset = _reset_peak_rss()
-        self.rss0_kb = _status_kb("VmRSS")
+        self.peak_before_kb = status_kb("VmHWM")  # the process's peak so far (setup)
+        self.reset = reset_peak_rss()
+        self.rss0_kb = status_kb("VmRSS")
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.busy0, self.cpu0, self.t0 = _cpu_busy_s(), time.process_time(), time.perf_counter()
+        self.busy0, self.cpu0, self.t0 = cpu_busy_s(), time.process_time(), time.perf_counter()
 
     def stop(self) -> dict:
         seconds = time.perf_counter() - self.t0
-        cpu, busy1 = time.process_time() - self.cpu0, _cpu_busy_s()
-        peak_kb = _status_kb("VmHWM") if self.reset else None
+        cpu, busy1 = time.process_time() - self.cpu0, cpu_busy_s()
+        peak_kb = status_kb("VmHWM") if self.reset else None
         other = None
         if self.busy0 is not None and busy1 is not None:
             other = max(0.0, (busy1 - self.busy0 - cpu) / (seconds * (os.cpu_count() or 1)))
@@ -327,7 +275,7 @@ class Window:
             "peak_rss_mb": mb(peak_kb), "rss_start_mb": mb(self.rss0_kb),
             "rss_growth_mb": mb(peak_kb - self.rss0_kb) if peak_kb and self.rss0_kb else None,
             "lifetime_peak_rss_mb": mb(max(peak_kb or 0, self.peak_before_kb or 0)) if self.reset else
-            mb(_status_kb("VmHWM")),
+            mb(status_kb("VmHWM")),
             "peak_gpu_mb": (torch.cuda.max_memory_allocated(self.device) / 2**20
                             if self.device.type == "cuda" else None)}
         return self.info
