@@ -4,9 +4,9 @@ What is measured: the peak memory and the time of one forward + backward of the 
 through the LM head, for M = T response positions (batch 1) of hidden size d (`--hidden`, default 1024) and a
 vocabulary of V rows, in float32, by two implementations on the same seeded inputs:
 
-  refdpo  `refdpo.logprobs.chunked_target_logprobs(hidden, weight, targets, chunk_elements=...)`: logits chunk
-          by chunk (`refdpo.logprobs.CHUNK_ELEMENTS` float32 logits per chunk unless `--chunk-elements`),
-          float32 log-softmax, each chunk's logits recomputed in backward.
+  refdpo  `refdpo.logprobs.chunked_target_logprobs(hidden, weight, targets, chunk_elements=...)`: logits in
+          tiles of [rows, vocabulary columns] (`refdpo.logprobs.tile_shape`: 2 MiB on CPU, 64 MiB on GPU, unless
+          `--chunk-elements`), float32 log-sum-exp, each tile's logits recomputed in backward.
   full    `logits = hidden @ weight.T` ([M, V] float32), then
           `torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)`; `logits` goes out of scope
           before backward (only what autograd saves is kept: the leanest form of the plain path).
@@ -29,7 +29,7 @@ is memory the allocator kept from one pass to the next, e.g. heap fragmentation,
   peak extra MB  VmHWM - baseline RSS: what the computation needs beyond the inputs and the weight, including
                  the gradients of weight [V, d] and hidden [M, d] it returns.
   activations MB peak extra minus those gradients ((V + M) x d x 4 bytes), which every method must produce:
-                 the memory of the head computation itself (logits, softmax, their gradients, chunks). The
+                 the memory of the head computation itself (logits, softmax, their gradients, tiles). The
                  acceptance ratio is on this; the ratio including the gradients is reported beside it.
   abs peak MB    VmHWM itself (the whole process: Python, torch, inputs, weight, gradients).
 On CUDA (`--device cuda`) the same with `torch.cuda.memory_allocated()` as the baseline,
@@ -43,8 +43,9 @@ MB = 2^20 bytes.
 Numerics: once, in its own subprocess, at V=8192, T=256 (d = `--hidden`), each method's summed log-prob and
 its gradients are compared with a float64 computation (`hidden.double() @ weight.double().T`, log_softmax,
 gather): |sum - sum64| <= 1e-4 * max(1, |sum64| / 100), and max|grad - grad64| / max|grad64| <= 1e-5 for the
-gradient of `hidden` (and of `weight`, also checked). refdpo is checked with its default chunk and with a
-chunk of 48 rows (several chunks, the last one ragged).
+gradient of `hidden` (and of `weight`, also checked). refdpo is checked with its default tiles and with two
+tilings whose last tile is ragged: 96 rows x 1000 columns, and 256 x 3 (2,731 column tiles, whose
+log-sum-exps are combined)
 
 Acceptance targets (printed with the table): at V=128k (131072), T=1024, refdpo's head activation memory at
 most 25% of full's and its time at most 1.2x full's.
@@ -70,6 +71,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -80,7 +82,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 METHODS = ("full", "refdpo")  # the order each grid point runs them in
 CHECK_SHAPE = (8192, 256)  # (V, T) of the numerics check
-CHECK_CHUNK_ROWS = 48  # refdpo checked again with chunks of this many rows (256 = 5 x 48 + 16)
+CHECK_TILES = ((96, 1000), (256, 3))  # refdpo checked again with tiles of [rows, columns]: both ragged
 SUM_TOL = 1e-4  # nats, relative to max(1, |sum| / 100)
 GRAD_TOL = 1e-5  # max abs error relative to the largest reference gradient entry
 TARGET_SHAPE = (131072, 1024)  # (V, T) of the acceptance targets
@@ -119,10 +121,10 @@ def full_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
 
 
 def refdpo_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                    chunk_elements: int | None = None) -> torch.Tensor:
+                    chunk_elements: int | None = None, tile: tuple[int, int] | None = None) -> torch.Tensor:
     from refdpo.logprobs import chunked_target_logprobs
 
-    return chunked_target_logprobs(hidden, weight, targets, chunk_elements=chunk_elements)
+    return chunked_target_logprobs(hidden, weight, targets, chunk_elements=chunk_elements, tile=tile)
 
 
 def _method(name: str, chunk_elements: int | None):
@@ -212,12 +214,12 @@ def measure(spec: dict) -> dict:
     other = None
     if busy0 is not None and busy1 is not None and wall > 0:
         other = max(0.0, (busy1 - busy0 - cpu) / (wall * (os.cpu_count() or 1)))
-    rows = lp._chunk_rows(vocab, chunk_elements) if spec["method"] == "refdpo" else None
+    tile = lp.tile_shape(tokens, vocab, device, chunk_elements) if spec["method"] == "refdpo" else None
     return {**{k: spec[k] for k in ("method", "vocab", "tokens", "hidden", "device")},
             "seconds": seconds, "seconds_median": statistics.median(seconds), "cpu_seconds": cpu,
             "other_load": other, **info,
-            "chunk_elements": (chunk_elements or lp.CHUNK_ELEMENTS) if rows else None,
-            "chunk_rows": min(rows, tokens) if rows else None, "chunks": -(-tokens // rows) if rows else None,
+            "tile": list(tile) if tile else None,
+            "tiles": -(-tokens // tile[0]) * -(-vocab // tile[1]) if tile else None,
             "logprob_sum": logprob_sum, "grad_hidden_abs_sum": grad_hidden_abs_sum}
 
 
@@ -236,13 +238,14 @@ def check_numerics(spec: dict) -> dict:
     def rel_err(grad: torch.Tensor, ref_grad: torch.Tensor) -> float:
         return float((grad.double() - ref_grad).abs().max() / ref_grad.abs().max())
 
-    variants = {"full": (full_logprobs, None), "refdpo": (refdpo_logprobs, None),
-                f"refdpo ({CHECK_CHUNK_ROWS}-row chunks)": (refdpo_logprobs, vocab * CHECK_CHUNK_ROWS)}
+    variants = {"full": full_logprobs, "refdpo": refdpo_logprobs}
+    for tile in CHECK_TILES:
+        variants[f"refdpo ({tile[0]}x{tile[1]} tiles)"] = partial(refdpo_logprobs, tile=tile)
     results = {}
-    for name, (fn, chunk_elements) in variants.items():
+    for name, fn in variants.items():
         h = hidden.detach().clone().requires_grad_()
         w = weight.detach().clone().requires_grad_()
-        logp = fn(h, w, targets) if chunk_elements is None else fn(h, w, targets, chunk_elements)
+        logp = fn(h, w, targets)
         total = float(logp.detach().double().sum())
         logp.sum().backward()
         r = {"sum": total, "sum_abs_err": abs(total - ref_sum), "grad_hidden_rel_err": rel_err(h.grad, h64.grad),
@@ -291,7 +294,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads in every worker (default: torch's)")
     p.add_argument("--chunk-elements", type=int, default=None,
-                   help="refdpo's chunk_elements (default: refdpo.logprobs.CHUNK_ELEMENTS)")
+                   help="refdpo's logits per tile (default: refdpo.logprobs.tile_shape's, 2^19 on CPU, 2^24 on GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "logprob_head_bench.json")
     args = p.parse_args(argv)
@@ -398,11 +401,12 @@ def write_json(path: Path, data: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     base = {"hidden": args.hidden, "device": args.device, "threads": args.threads, "seed": args.seed}
-    from refdpo.logprobs import CHUNK_ELEMENTS
+    from refdpo.logprobs import tile_shape
 
-    chunk_elements = args.chunk_elements or CHUNK_ELEMENTS
-    print(f"refdpo chunk: {chunk_elements} float32 logits ({chunk_elements * 4 / 2**20:.0f} MB), i.e. "
-          + ", ".join(f"{max(1, chunk_elements // v)} rows at V={v}" for v in args.vocab), flush=True)
+    chunk_elements = args.chunk_elements
+    print("refdpo tiles [rows, columns]: " + ", ".join(
+        f"{tile_shape(t, v, torch.device(args.device), chunk_elements)} at V={v}, T={t}"
+        for v in args.vocab for t in args.tokens), flush=True)
 
     v, t = CHECK_SHAPE
     check = run_worker({**base, "kind": "check", "vocab": v, "tokens": t})

@@ -158,10 +158,22 @@ def test_tiny_chunks_equal_default(llama_pair, batch, rows):
             assert (chunked.double().sum(1) - default.double().sum(1)).abs().max().item() <= SEQ_TOL_F64
 
 
-def test_chunk_rows():
+def test_chunk_rows():  # the fallback path (the model's own logits) chunks whole rows
     assert lp._chunk_rows(5000, 1) == 1  # never zero rows
     assert lp._chunk_rows(5000, 3 * 5000 + 4999) == 3
     assert lp._chunk_rows(1 << 16, None) == lp.CHUNK_ELEMENTS >> 16
+
+
+def test_tile_shape():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert lp.tile_shape(1024, 131072, cpu) == (1024, 512)  # 2 MiB tiles on CPU, 1024 rows when there are
+    assert lp.tile_shape(5000, 131072, cpu) == (1024, 512)
+    assert lp.tile_shape(300, 131072, cpu) == (300, (1 << 19) // 300)  # fewer rows: wider tiles
+    assert lp.tile_shape(300, 5000, cpu) == (300, 1747)
+    assert lp.tile_shape(10, 100, cpu) == (10, 100)  # never wider than the vocabulary
+    assert lp.tile_shape(16384, 131072, cuda) == (4096, 4096)  # 64 MiB square tiles elsewhere
+    assert lp.tile_shape(37, 97, cpu, chunk_elements=5) == (5, 1)  # never zero, never more than asked
+    assert lp.tile_shape(37, 97, cpu, chunk_elements=5 * 97) == (37, 13)
 
 
 # ---------------------------------------------------------------------------------------------- 3. head grads
@@ -181,9 +193,10 @@ def _rel_err(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
+@pytest.mark.parametrize("chunk_elements", [5 * 97, 5], ids=["37x13_tiles", "5x1_tiles"])  # both ragged
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize(("scale", "softcap"), [(1.0, None), (0.5, None), (1.0, 30.0), (2.0, 5.0)])
-def test_chunked_head_grads_match_float64_autograd(scale, softcap, with_bias):
+def test_chunked_head_grads_match_float64_autograd(scale, softcap, with_bias, chunk_elements):
     torch.manual_seed(3)
     m, h, v = 37, 16, 97
     hidden = torch.randn(m, h)
@@ -194,7 +207,7 @@ def test_chunked_head_grads_match_float64_autograd(scale, softcap, with_bias):
 
     leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((bias,) if with_bias else ())]
     out = chunked_target_logprobs(leaves[0], leaves[1], targets, leaves[2] if with_bias else None, scale=scale,
-                                  softcap=softcap, chunk_elements=5 * v)  # 5 rows per chunk, ragged last chunk
+                                  softcap=softcap, chunk_elements=chunk_elements)
     assert out.dtype == torch.float32
     out.backward(g)
 
