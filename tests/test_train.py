@@ -233,9 +233,15 @@ def test_lora_trains_adapters_only(tiny_setup, tmp_path):
     assert lora_weights and max(p.abs().max().item() for p in lora_weights) > 0  # B starts at 0
 
 
+NO_CXX = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                            reason="torch.compile on CPU needs a C++ compiler")
+
+
 @pytest.mark.parametrize("overrides", [{"gradient_checkpointing": True}, {"attn_implementation": "eager"},
-                                       {"packing": False}, {"pack_capacity": 4096}],
-                         ids=["gradient_checkpointing", "eager_attention", "no_packing", "one_packed_row"])
+                                       {"packing": False}, {"pack_capacity": 4096},
+                                       pytest.param({"compile": True}, marks=NO_CXX)],
+                         ids=["gradient_checkpointing", "eager_attention", "no_packing", "one_packed_row",
+                              "torch_compile"])
 def test_memory_and_attention_options_do_not_change_the_numbers(tiny_setup, tmp_path, overrides):
     base = dict(max_train_pairs=24, val_split="", batch_size=8)
     train(train_config(tiny_setup, tmp_path / "base", **base))
