@@ -122,7 +122,20 @@ class ObjectiveSpec:
 
 
 @dataclass
-class TrainConfig(ObjectiveSpec, DataSpec, ModelSpec):
+class LayoutSpec:
+    """How a batch's sequences are laid out in rows (train and evaluate; refdpo/layout.py)."""
+
+    packing: bool = option(True, "pack each micro-batch's sequences into rows without padding (position ids restart "
+                                 "per sequence; checked against the padded layout at start-up)")
+    pack_capacity: int = option(0, "tokens per packed row (0: all in one row with flash-attention, else the "
+                                   "micro-batch's longest sequence: a CPU's dense mask grows with the row squared)")
+
+    def layout_checks(self) -> list[tuple[bool, str]]:
+        return [(self.pack_capacity >= 0, "--pack_capacity must be >= 0")]
+
+
+@dataclass
+class TrainConfig(LayoutSpec, ObjectiveSpec, DataSpec, ModelSpec):
     # model (and ModelSpec's fields)
     dtype: str = option("float32", "dtype the weights are loaded in: float32 (master weights for mixed "
                                "precision), bfloat16, float16")
@@ -142,10 +155,6 @@ class TrainConfig(ObjectiveSpec, DataSpec, ModelSpec):
     max_val_pairs: int = option(0, "use only the first N validation pairs (0: all)")
     strict: bool = option(False, "refuse to train when the data's provenance disagrees with this config (template, "
                              "max_len, rows); without it such mismatches are warnings")
-    packing: bool = option(True, "pack each micro-batch's sequences into rows without padding (position ids restart "
-                                 "per sequence; checked against the padded layout at start-up)")
-    pack_capacity: int = option(0, "tokens per packed row (0: all in one row with flash-attention, else the "
-                                   "micro-batch's longest sequence: a CPU's dense mask grows with the row squared)")
     # optimisation
     epochs: int = option(3, "passes over the training split (seed: --epoch)")
     batch_size: int = option(4, "pairs per device per micro-batch")
@@ -176,14 +185,13 @@ class TrainConfig(ObjectiveSpec, DataSpec, ModelSpec):
         return [] if names in ([], ["none"]) else names
 
     def validate(self) -> TrainConfig:
-        check_all(self.spec_checks() + self.objective_checks() + [
+        check_all(self.spec_checks() + self.objective_checks() + self.layout_checks() + [
             (self.dtype in ("float32", "bfloat16", "float16"), "--dtype must be float32, bfloat16 or float16"),
             (self.mixed_precision in (None, "no", "bf16", "fp16"), "--mixed_precision must be no, bf16 or fp16"),
             (min(self.epochs, self.batch_size, self.accumulate_step, self.report_freq,
                  self.eval_interval) >= 1,
              "--epochs, --batch_size, --accumulate_step, --report_freq and --eval_interval must be >= 1"),
             (self.max_lr > 0, "--max_lr must be > 0"),
-            (self.pack_capacity >= 0, "--pack_capacity must be >= 0"),
             (0 <= self.warmup_ratio <= 1, "--warmup_ratio must be in [0, 1]"),
             (set(self.trackers) <= {"tensorboard", "wandb"}, "--report_to takes tensorboard, wandb or none"),
         ])

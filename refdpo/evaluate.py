@@ -8,6 +8,7 @@ checkpoint), reward accuracy and policy accuracy (Table 2), margins, mean log-pr
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from refdpo.checkpoint import model_path
-from refdpo.config import DataSpec, ModelSpec, ObjectiveSpec, check_all, option
+from refdpo.config import DataSpec, LayoutSpec, ModelSpec, ObjectiveSpec, check_all, option
 from refdpo.data import (
     PairData,
     build_pairs,
@@ -26,6 +27,7 @@ from refdpo.data import (
     to_device,
 )
 from refdpo.data.templates import check_template
+from refdpo.layout import choose_collate
 from refdpo.logprobs import head_matches_model, sequence_logprobs
 from refdpo.metrics import PairStats
 from refdpo.modeling import load_frozen, load_tokenizer, pad_token_id, reset_accelerate_state
@@ -51,14 +53,15 @@ def forward_pairs(model, batch: dict, objective: Objective, fused: bool = True) 
 
 @torch.no_grad()
 def evaluate_pairs(model, data: PairData, objective: Objective, accelerator, batch_size: int, pad_id: int,
-                   fused: bool = True, prefix: str = "val_") -> dict[str, float]:
-    """Mean metrics over every pair of `data`, sharded across processes (each pair counted exactly once)."""
+                   fused: bool = True, prefix: str = "val_", collate: Callable = collate_pairs) -> dict[str, float]:
+    """Mean metrics over every pair of `data`, sharded across processes (each pair counted exactly once), in
+    batches of similar lengths, laid out by `collate` (layout.choose_collate)."""
     was_training = model.training
     model.eval()
     stats = PairStats(accelerator.device, objective.beta)
     for indices, weights in eval_batches(len(data), batch_size, accelerator.num_processes,
-                                         accelerator.process_index):
-        batch = to_device(collate_pairs(data, indices, weights, pad_id), accelerator.device)
+                                         accelerator.process_index, data.token_counts()):
+        batch = to_device(collate(data, indices, weights, pad_id), accelerator.device)
         stats.add(forward_pairs(model, batch, objective, fused), batch["weights"], batch["num_tokens"])
     model.train(was_training)
     return stats.reduce(accelerator, prefix=prefix)
@@ -67,7 +70,7 @@ def evaluate_pairs(model, data: PairData, objective: Objective, accelerator, bat
 # --- `refdpo evaluate`: one table over several checkpoints ------------------------------------------------
 
 @dataclass
-class EvalConfig(ObjectiveSpec, DataSpec, ModelSpec):
+class EvalConfig(LayoutSpec, ObjectiveSpec, DataSpec, ModelSpec):
     split: str = option("val", "split name, or a path to its file")
     batch_size: int = option(8, "pairs per forward pass")
     max_pairs: int = option(0, "use only the first N pairs (0: all)")
@@ -76,7 +79,7 @@ class EvalConfig(ObjectiveSpec, DataSpec, ModelSpec):
     out: str = option("", "folder to write evaluate.md, evaluate.csv and evaluate.json to (default: print only)")
 
     def validate(self) -> EvalConfig:
-        check_all(self.spec_checks() + self.objective_checks() + [
+        check_all(self.spec_checks() + self.objective_checks() + self.layout_checks() + [
             (self.batch_size >= 1 and self.max_pairs >= 0, "--batch_size must be >= 1 and --max_pairs >= 0"),
             (self.dtype in ("float32", "bfloat16", "float16"), "--dtype must be float32, bfloat16 or float16"),
         ])
@@ -115,7 +118,9 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
         pad_id = pad_token_id(tokenizer)
         probe = to_device(collate_pairs(data, np.arange(1), np.ones(1), pad_id), accelerator.device)
         fused, _ = head_matches_model(model, probe)
-        metrics = evaluate_pairs(model, data, cfg.objective, accelerator, cfg.batch_size, pad_id, fused, prefix="")
+        collate = choose_collate(model, data, pad_id, accelerator.device, fused, cfg.packing, cfg.pack_capacity)
+        metrics = evaluate_pairs(model, data, cfg.objective, accelerator, cfg.batch_size, pad_id, fused, prefix="",
+                                 collate=collate)
         rows.append({"model": name, "checkpoint": path, **{k: metrics[k] for k in TABLE_COLUMNS}})
         del model
     if cfg.out and accelerator.is_main_process:

@@ -158,7 +158,7 @@ def score_batch(model: torch.nn.Module, data: PairData, indices: list, shared: b
 
 def _sharing_possible(model: torch.nn.Module, data: PairData) -> str | None:
     """Why the shared-prompt layout cannot be used with this model, or None."""
-    problem = custom_mask_problem(model, max(data.num_tokens(i) for i in range(len(data))))
+    problem = custom_mask_problem(model, int(data.token_counts().max()))
     if problem:
         return problem
     if not any(shares_prompt(data, i) for i in range(min(len(data), 64))):

@@ -16,10 +16,8 @@ import logging
 import resource
 import time
 from datetime import datetime
-from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -31,7 +29,6 @@ from refdpo.data import (
     PairSampler,
     RawSplit,
     build_pairs,
-    collate_packed,
     collate_pairs,
     load_split,
     parse_ref_columns,
@@ -40,13 +37,12 @@ from refdpo.data import (
 from refdpo.data.templates import check_template
 from refdpo.errors import ConfigError
 from refdpo.evaluate import evaluate_pairs, forward_pairs
-from refdpo.logprobs import head_matches_model, sequence_logprobs
+from refdpo.layout import choose_collate
+from refdpo.logprobs import head_matches_model
 from refdpo.metrics import MetricsLog, PairStats
 from refdpo.modeling import (
-    custom_mask_problem,
     load_policy,
     load_tokenizer,
-    mask_dtype,
     pad_token_id,
     reset_accelerate_state,
 )
@@ -130,46 +126,6 @@ def _peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-@torch.no_grad()
-def _packing_works(model, data: PairData, pad_id: int, device: torch.device, fused: bool,
-                   layout: dict) -> tuple[bool, float]:
-    """Do packed rows give every sequence the log-prob of its own padded row? A model whose attention ignores
-    the position-id restarts, or the custom mask, would let packed sequences see each other: checked once, on
-    two real pairs packed into a single row, before trusting it. Returns (ok, max abs difference)."""
-    indices = np.arange(min(2, len(data)))
-    weights = np.ones(len(indices))
-    was_training = model.training
-    model.eval()
-    try:
-        padded = sequence_logprobs(model, to_device(collate_pairs(data, indices, weights, pad_id), device), fused)[0]
-        packed = collate_packed(data, indices, weights, pad_id, **{**layout, "capacity": 1 << 30})
-        packed = sequence_logprobs(model, to_device(packed, device), fused)[0]
-    finally:
-        model.train(was_training)
-    diff = (packed - padded).abs().max().item()
-    return diff <= 1e-3 * max(1.0, padded.abs().max().item() / 100), diff
-
-
-def _collate_fn(cfg: TrainConfig, model, data: PairData, pad_id: int, device: torch.device, fused: bool):
-    """The batch layout: packed rows with each pair's prompt computed once (a custom mask: sdpa, eager), packed
-    rows of whole sequences (flash-attention's varlen kernel, or where the custom mask cannot be used), or padded
-    rows; each packed layout only after it reproduced the padded one on real pairs."""
-    if not cfg.packing:
-        return collate_pairs
-    inner = getattr(model, "module", model)  # under a DDP/DeepSpeed wrapper: the model that has the config
-    problem = custom_mask_problem(inner, max(data.num_tokens(i) for i in range(len(data))))
-    flash = getattr(inner.config, "_attn_implementation", "") == "flash_attention_2"
-    layouts = ([] if problem else [{"mask_dtype": mask_dtype(inner)}]) + [{"mask_dtype": None}]
-    for layout in layouts:
-        ok, diff = _packing_works(model, data, pad_id, device, fused, layout)
-        if ok:
-            capacity = cfg.pack_capacity or (1 << 30 if flash and layout["mask_dtype"] is None else 0)
-            return partial(collate_packed, capacity=capacity, **layout)
-        log.warning("packed layout %s disagrees with padded rows for this model (max diff %.2g)", layout, diff)
-    log.warning("training without packing")
-    return collate_pairs
-
-
 def _train_step(model, optimizer, accelerator, micro_batches, valid: int, data: PairData, pad_id: int,
                 cfg: TrainConfig, fused: bool, stats: PairStats, collate=collate_pairs) -> torch.Tensor | None:
     """One optimizer step over this process's micro-batches; returns the gradient norm before clipping (a
@@ -225,7 +181,7 @@ def train(cfg: TrainConfig, data_cache: dict | None = None) -> dict:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.max_lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     sampler = PairSampler(len(train_data), cfg.batch_size, cfg.accumulate_step, accelerator.num_processes,
-                          accelerator.process_index, cfg.seed)
+                          accelerator.process_index, cfg.seed, lengths=train_data.token_counts())
     total_steps = sampler.steps_per_epoch * cfg.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     if accelerator.state.deepspeed_plugin is not None:
@@ -265,12 +221,13 @@ def train(cfg: TrainConfig, data_cache: dict | None = None) -> dict:
     fused, diff = head_matches_model(model, probe)
     if not fused:
         log.warning("chunked LM head disagrees with the model's logits (max diff %.2g): using full logits", diff)
-    collate = _collate_fn(cfg, model, train_data, pad_id, device, fused)
+    longest = int(val_data.token_counts().max()) if val_data is not None else 0
+    collate = choose_collate(model, train_data, pad_id, device, fused, cfg.packing, cfg.pack_capacity, longest)
 
     def run_eval(epoch_progress: float) -> bool:
         """Evaluate on the validation split, log it; True when this is the lowest validation loss so far."""
         val = evaluate_pairs(model, val_data, cfg.objective, accelerator, cfg.eval_batch_size or cfg.batch_size,
-                             pad_id, fused)
+                             pad_id, fused, collate=collate)
         metrics_log.write({"step": state["global_step"], "epoch": epoch_progress, **val})
         state["last_val"] = val
         if state["best_val_loss"] is None or val["val_loss"] < state["best_val_loss"]:

@@ -54,6 +54,15 @@ def test_evaluate_matches_accuracies_computed_by_hand(tiny_setup, tmp_path):
     assert json.loads((tmp_path / "eval" / "evaluate.json").read_text())["rows"] == rows
     assert "| reward_accuracy |" in (tmp_path / "eval" / "evaluate.md").read_text()
 
+    # Packed rows with shared prompts (the default) and padded rows give the same table.
+    padded = evaluate(EvalConfig(model=f"{tiny_setup / 'model'},{tmp_path / 'run'}",
+                                 dataset=str(tiny_setup / "data"), max_len=512, beta=beta, packing=False).validate())
+    for packed_row, padded_row in zip(rows, padded):
+        for key in ("loss", "margin", "logp_chosen", "logp_rejected", "reward_chosen", "reward_rejected"):
+            assert packed_row[key] == pytest.approx(padded_row[key], abs=1e-5), key
+        for key in ("pairs", "reward_accuracy", "policy_accuracy", "length_chosen", "length_rejected"):
+            assert packed_row[key] == padded_row[key], key
+
 
 def test_evaluate_cli_prints_one_table_and_refuses_a_missing_model(tiny_setup, tmp_path):
     ok = run_cli(["evaluate", "--model", str(tiny_setup / "model"), "--dataset", str(tiny_setup / "data"),

@@ -100,27 +100,25 @@ def test_packed_float32_fused_head(pairs, model, layout):
 def test_start_up_check_falls_back_when_attention_mixes_sequences(pairs, model, monkeypatch):
     import transformers.masking_utils as mu
 
-    from refdpo.train import _packing_works
+    from refdpo.layout import packing_works
 
     data, pad = pairs
     cpu, sequences, shared = torch.device("cpu"), {"mask_dtype": None}, {"mask_dtype": torch.bool}
-    assert _packing_works(model, data, pad, cpu, True, sequences)[0]
-    assert _packing_works(model, data, pad, cpu, True, shared)[0]
+    assert packing_works(model, data, pad, cpu, True, sequences)[0]
+    assert packing_works(model, data, pad, cpu, True, shared)[0]
     # A model that ignores the position-id restarts: packed sequences would attend to each other.
     monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)
-    ok, diff = _packing_works(model, data, pad, cpu, True, sequences)
+    ok, diff = packing_works(model, data, pad, cpu, True, sequences)
     assert not ok and diff > 1e-2
 
 
 def test_training_picks_the_shared_prompt_layout(pairs, model):
-    from refdpo.config import TrainConfig
-    from refdpo.train import _collate_fn
+    from refdpo.layout import choose_collate
 
     data, pad = pairs
-    chosen = _collate_fn(TrainConfig(model="m", dataset="d"), model, data, pad, torch.device("cpu"), True)
+    chosen = choose_collate(model, data, pad, torch.device("cpu"), True)
     assert chosen.keywords["mask_dtype"] == torch.bool  # sdpa: each prompt once, a boolean mask
-    assert _collate_fn(TrainConfig(model="m", dataset="d", packing=False), model, data, pad,
-                       torch.device("cpu"), True) is collate_pairs
+    assert choose_collate(model, data, pad, torch.device("cpu"), True, packing=False) is collate_pairs
 
 
 def test_liger_without_the_package_is_a_clear_error(tiny_setup, tmp_path):

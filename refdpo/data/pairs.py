@@ -39,6 +39,10 @@ class PairData:
     def num_tokens(self, i: int) -> int:
         return len(self.chosen[i].input_ids) + len(self.rejected[i].input_ids)
 
+    def token_counts(self) -> np.ndarray:
+        """int64 [N]: each pair's chosen + rejected tokens (what batches are split by)."""
+        return np.array([self.num_tokens(i) for i in range(len(self))], dtype=np.int64)
+
 
 def build_pairs(raw: RawSplit, tokenizer, template: str, max_len: int,
                 ref_columns: tuple[str, str] | None, on_truncated: str = "drop", validate: bool = True) -> PairData:
