@@ -97,7 +97,6 @@ import inspect
 import json
 import os
 import platform
-import random
 import statistics
 import subprocess
 import sys
@@ -127,6 +126,7 @@ else:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from benchdata import TextMaker, make_records  # noqa: E402 (its own folder)
 from benchutil import cpu_busy_s, reset_peak_rss, status_kb, wait_for_quiet  # noqa: E402 (its own folder)
 
 TEMPLATE = "tulu"
@@ -144,8 +144,6 @@ SIZES = {
 }
 PUBLIC_SIZES = ("12m", "40m", "0.5b")  # "tiny" is for smoke tests
 GPU_ONLY = {"0.5b"}
-PROMPT_TOKENS = (32, 128)  # the templated prompt, BOS and markers included
-RESPONSE_TOKENS = (32, 256)  # the response, its end token included
 TOOLS = ("refdpo", "trl", "floor")
 ALLOCATORS = ("default", "tuned")
 TUNED_GLIBC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824",
@@ -159,76 +157,7 @@ MEMORY_TARGET = 0.6  # refdpo peak RSS over TRL's at 40m
 
 
 # ----------------------------------------------------------------------------------------------- synthetic data
-# (as benchmarks/score_bench.py builds it)
-
-def _lexicon(rng: random.Random, size: int = 6000) -> list[str]:
-    """Pseudo-words (plus the testbed's real ones), Zipf-ranked: a vocabulary large enough for a ~16k BPE."""
-    from refdpo.testbed.tiny import ADJECTIVES, TOPICS
-
-    onsets = ["", "b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z", "br",
-              "ch", "cl", "dr", "fl", "gr", "pl", "sh", "st", "th", "tr"]
-    vowels = ["a", "e", "i", "o", "u", "ai", "ea", "ou", "io"]
-    codas = ["", "", "", "n", "r", "s", "t", "l", "m", "nd", "st", "ck"]
-    words = set(TOPICS + ADJECTIVES + ["the", "a", "of", "and", "to", "in", "is", "it", "that", "for", "with"])
-    while len(words) < size:
-        words.add("".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas)
-                          for _ in range(rng.choice((1, 2, 2, 3, 3, 4)))))
-    ranked = sorted(words)
-    rng.shuffle(ranked)
-    return ranked
-
-
-class TextMaker:
-    """Sentences of Zipf-distributed words, cut to a target token count under a given tokenizer."""
-
-    def __init__(self, seed: int):
-        self.rng = random.Random(seed)
-        self.words = _lexicon(self.rng)
-        self.weights = [1.0 / (rank + 1) ** 1.05 for rank in range(len(self.words))]
-        self._cost: dict[str, int] = {}
-        self.tokenizer = None
-
-    def sentence(self) -> str:
-        words = self.rng.choices(self.words, self.weights, k=self.rng.randint(4, 20))
-        if len(words) > 8 and self.rng.random() < 0.4:
-            words[self.rng.randrange(2, len(words) - 2)] += ","
-        return " ".join(words).capitalize() + self.rng.choice([".", ".", ".", "?", "!"])
-
-    def _tokens(self, word: str) -> int:
-        # Byte-level pre-tokenisation splits at spaces, so " word" costs the same wherever it appears.
-        if word not in self._cost:
-            self._cost[word] = len(self.tokenizer(" " + word, add_special_tokens=False)["input_ids"])
-        return self._cost[word]
-
-    def text(self, tokens: int) -> str:
-        """About `tokens` tokens (exact up to the first word's missing leading space)."""
-        out, total = [], 0
-        while total < tokens:
-            for word in self.sentence().split():
-                out.append(word)
-                total += self._tokens(word)
-                if total >= tokens:
-                    break
-        text = " ".join(out)
-        return text if text[-1] in ".?!" else text + "."
-
-
-def make_records(maker: TextMaker, n: int, overhead: int) -> list[dict]:
-    """`n` RefDPO records: one user turn shared by chosen and rejected, replies of independent lengths."""
-    from refdpo.testbed.tiny import TOPICS
-
-    rng = maker.rng
-    records = []
-    for i in range(n):
-        topic = rng.choice(TOPICS)
-        user = f"Tell me about {topic}. " + maker.text(rng.randint(*PROMPT_TOKENS) - overhead - 6)
-        replies = [maker.text(rng.randint(*RESPONSE_TOKENS) - 1) for _ in range(2)]
-        prompt = [{"role": "user", "content": user}]
-        records.append({"prompt": user, "prompt_id": f"bench-{i}",
-                        "chosen": prompt + [{"role": "assistant", "content": replies[0]}],
-                        "rejected": prompt + [{"role": "assistant", "content": replies[1]}]})
-    return records
-
+# (the text comes from benchdata.py, shared with score_bench.py)
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
