@@ -1,10 +1,32 @@
-"""What the benchmarks share: Linux process memory (/proc/self/status, resetting the high-water mark) and how
-busy the rest of the machine is (/proc/stat), so that a contended run can be waited out, flagged or redone."""
+"""What the benchmarks share: Linux process memory (/proc/self/status, resetting the high-water mark), how
+busy the rest of the machine is (/proc/stat), so that a contended run can be waited out, flagged or redone,
+and what the machine is (for the JSON)."""
 
 from __future__ import annotations
 
 import os
+import platform
 import time
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what `platform.processor()` says."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return cpu
+
+
+def trl_version() -> str | None:
+    """TRL's version, or None where it is not installed (the peer the benchmarks compare with)."""
+    try:
+        import trl
+    except ImportError:
+        return None
+    return trl.__version__
 
 
 def status_kb(field: str) -> int | None:

@@ -75,7 +75,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from benchutil import cpu_busy_s, reset_peak_rss, status_kb  # noqa: E402 (its own folder)
+from benchutil import cpu_busy_s, cpu_name, reset_peak_rss, status_kb  # noqa: E402 (its own folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
@@ -307,13 +307,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def machine_info(args: argparse.Namespace, threads: int | None) -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+    info = {"platform": platform.platform(), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__, "torch_threads": threads,
             "REFDPO_TUNE_MALLOC": os.environ.get("REFDPO_TUNE_MALLOC")}
     if args.device == "cuda":

@@ -71,7 +71,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from benchdata import TextMaker, make_records  # noqa: E402 (its own folder)
-from benchutil import cpu_busy_s, reset_peak_rss, status_kb, wait_for_quiet  # noqa: E402 (its own folder)
+from benchutil import (  # noqa: E402 (its own folder)
+    cpu_busy_s,
+    cpu_name,
+    reset_peak_rss,
+    status_kb,
+    trl_version,
+    wait_for_quiet,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
@@ -324,22 +331,10 @@ def trl_token_check(trl: TrlPrecompute, data: PairData) -> dict:
 def machine_info(threads: int) -> dict:
     import transformers
 
-    try:
-        import trl
-
-        trl_version = trl.__version__
-    except ImportError:
-        trl_version = None
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": threads, "flush_denormal": True,
+            "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": threads, "flush_denormal": True,
             "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "trl": trl_version}
+            "transformers": transformers.__version__, "trl": trl_version()}
 
 
 # ------------------------------------------------------------------------------------------------------- main

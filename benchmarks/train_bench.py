@@ -127,7 +127,14 @@ else:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from benchdata import TextMaker, make_records  # noqa: E402 (its own folder)
-from benchutil import cpu_busy_s, reset_peak_rss, status_kb, wait_for_quiet  # noqa: E402 (its own folder)
+from benchutil import (  # noqa: E402 (its own folder)
+    cpu_busy_s,
+    cpu_name,
+    reset_peak_rss,
+    status_kb,
+    trl_version,
+    wait_for_quiet,
+)
 
 TEMPLATE = "tulu"
 BATCH = 8  # pairs per step
@@ -877,24 +884,12 @@ def targets(summary: dict, args: argparse.Namespace) -> list[dict]:
 def machine_info(args: argparse.Namespace, tcmalloc: str | None) -> dict:
     import transformers
 
-    try:
-        import trl
-
-        trl_version = trl.__version__
-    except ImportError:
-        trl_version = None
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else None
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "hostname": platform.node(), "cpu": cpu, "cpu_count": os.cpu_count(), "gpu": gpu,
+            "hostname": platform.node(), "cpu": cpu_name(), "cpu_count": os.cpu_count(), "gpu": gpu,
             "torch_threads": args.threads, "flush_denormal": True, "python": platform.python_version(),
             "platform": platform.platform(), "libc": " ".join(platform.libc_ver()), "tcmalloc": tcmalloc,
-            "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl_version}
+            "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl_version()}
 
 
 def _fmt(value, spec: str = ".0f", missing: str = "n/a") -> str:

@@ -40,12 +40,7 @@ from refdpo.evaluate import evaluate_pairs, forward_pairs
 from refdpo.layout import choose_collate
 from refdpo.logprobs import head_matches_model
 from refdpo.metrics import MetricsLog, PairStats
-from refdpo.modeling import (
-    load_policy,
-    load_tokenizer,
-    pad_token_id,
-    reset_accelerate_state,
-)
+from refdpo.modeling import load_policy, load_tokenizer, pad_token_id, reset_accelerate_state
 
 log = logging.getLogger(__name__)
 
