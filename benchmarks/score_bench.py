@@ -1,4 +1,4 @@
-"""Reference log-prob throughput on CPU: refdpo vs a naive per-example loop vs TRL's DPOTrainer precompute.
+"""Reference log-prob throughput on CPU or one GPU: refdpo vs a naive per-example loop vs TRL's precompute.
 
 What is measured: the tokens/s of computing, for every preference pair, the summed log-prob of the chosen and
 of the rejected response under a reference model (the `chosen_logprob`/`rejected_logprob` a RefDPO dataset
@@ -23,6 +23,11 @@ vocabulary padded to 16,384 rows, a random-init `LlamaForCausalLM` (`--size 12m`
 tokens (written as JSON lines and read back through refdpo's loader). All tools run in float32 with the same
 `torch.set_num_threads` and `torch.set_flush_denormal(True)`.
 
+On a GPU (`--device cuda`) every tool runs the same model on it, in `--dtype` (default bfloat16, what `refdpo
+score --dtype auto` picks there; TRL gets bf16=True), and the peak of `torch.cuda.max_memory_allocated` during
+each pass is reported besides RSS. bfloat16 log-probs differ between batchings by rounding, so agreement is
+then checked against a relative tolerance (BF16_REL_TOL of each sequence's log-prob) instead of 1e-3 nats.
+
 Timing: model building, tokenisation and TRL's dataset preparation are excluded; each tool gets one untimed
 warm-up on 16 pairs; then `--reps` rounds alternate the tools (refdpo, naive, trl, refdpo, ...) and the
 median is reported. Tokens per pass = non-padding tokens of all chosen + rejected sequences (prompt +
@@ -38,7 +43,7 @@ The log-probs are checked: refdpo vs naive must agree within 1e-3 nats per seque
 where the token ids match.
 
 Run (from the repository root):
-    .venv/bin/python benchmarks/score_bench.py [--size 12m|40m] [--pairs N] [--reps 3]
+    .venv/bin/python benchmarks/score_bench.py [--size 12m|40m] [--pairs N] [--reps 3] [--device cuda]
 Results: a table on stdout and JSON in benchmarks/results/score_bench.json (`--out`).
 """
 
@@ -93,7 +98,8 @@ VOCAB = 16_384
 # (hidden, layers, heads, kv_heads, intermediate): ~12M and ~40M parameters with the tied 16k embedding.
 SIZES = {"12m": dict(hidden=256, layers=8, heads=8, kv_heads=4, intermediate=1024),
          "40m": dict(hidden=512, layers=8, heads=8, kv_heads=4, intermediate=2048)}
-AGREE_TOL = 1e-3  # nats per sequence
+AGREE_TOL = 1e-3  # nats per sequence (float32)
+BF16_REL_TOL = 1e-3  # of |log-prob| per sequence: bfloat16 keeps 8 bits, and batching changes the rounding
 TOOLS = ("refdpo", "naive", "trl")  # the default set, in the order each round runs them
 # refdpo-plain (optional): score_data with share_prompt=False, to see what sharing the prompt is worth.
 REFDPO_VARIANTS = {"refdpo": True, "refdpo-plain": False}
@@ -113,8 +119,9 @@ class Setup:
     jsonl: Path
 
 
-def build_setup(size: str, pairs: int, max_len: int, seed: int, workdir: Path, vocab: int = VOCAB) -> Setup:
-    """Tokenizer, random-init Llama and tokenised pairs, all offline."""
+def build_setup(size: str, pairs: int, max_len: int, seed: int, workdir: Path, vocab: int = VOCAB,
+                device: str = "cpu", dtype: str = "float32") -> Setup:
+    """Tokenizer, random-init Llama and tokenised pairs, all offline; the model on `device` in `dtype`."""
     maker = TextMaker(seed)
     tokenizer = train_tokenizer(["<|system|>\n<|user|>\n<|assistant|>\n"]
                                 + [maker.sentence() for _ in range(40_000)], vocab_size=VOCAB)
@@ -132,7 +139,7 @@ def build_setup(size: str, pairs: int, max_len: int, seed: int, workdir: Path, v
     # costs what it costs in such a model.
     model = tiny_llama(tokenizer, **SIZES[size], vocab_size=max(vocab, VOCAB), seed=seed, max_positions=max_len)
     model.config.use_cache = False  # scoring never decodes; no tool should pay for a KV cache
-    model.eval()
+    model.to(device, getattr(torch, dtype)).eval()
     return Setup(tokenizer, model, data, records, pad_token_id(tokenizer), jsonl)
 
 
@@ -159,9 +166,10 @@ def load_score_data() -> tuple[Callable | None, str]:
 def naive_scores(model: torch.nn.Module, data: PairData) -> tuple[np.ndarray, np.ndarray]:
     """One forward per sequence, full logits, float32 log_softmax, summed in float64 (as refdpo sums)."""
     out = np.empty((2, len(data)))
+    device = next(model.parameters()).device
     for side, seqs in enumerate((data.chosen, data.rejected)):
         for i, seq in enumerate(seqs):
-            ids = torch.from_numpy(seq.input_ids)[None]
+            ids = torch.from_numpy(seq.input_ids)[None].to(device)
             logits = model(ids).logits[0, :-1].float()
             logps = torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None]).squeeze(1)
             out[side, i] = logps[seq.response_start - 1:].double().sum().item()
@@ -171,7 +179,8 @@ def naive_scores(model: torch.nn.Module, data: PairData) -> tuple[np.ndarray, np
 class TrlPrecompute:
     """A DPOTrainer with precompute_ref_log_probs=True, and its precompute pass, re-runnable on demand."""
 
-    def __init__(self, model: torch.nn.Module, setup: Setup, batch: int, max_len: int, workdir: Path):
+    def __init__(self, model: torch.nn.Module, setup: Setup, batch: int, max_len: int, workdir: Path,
+                 bf16: bool = False):
         from datasets import Dataset, disable_progress_bars
         from trl import DPOConfig, DPOTrainer
 
@@ -185,8 +194,9 @@ class TrlPrecompute:
             rows.append({"prompt": prompt, "chosen": full_c[len(prompt):], "rejected": full_r[len(prompt):]})
         rows = [rows[i] for i in setup.data.rows]  # the pairs refdpo kept, in its order
         self.config = DPOConfig(
-            output_dir=str(workdir / "trl"), report_to="none", use_cpu=True,
-            bf16=False, fp16=False,  # float32 like the other tools (TRL's default is bf16 autocast)
+            output_dir=str(workdir / "trl"), report_to="none",
+            use_cpu=next(model.parameters()).device.type == "cpu",
+            bf16=bf16, fp16=False,  # the other tools' dtype (TRL's default is bf16 autocast)
             gradient_checkpointing=False, max_length=max_len, precompute_ref_log_probs=True,
             precompute_ref_batch_size=batch, per_device_train_batch_size=batch,
             dataloader_pin_memory=False, disable_tqdm=True, save_strategy="no", logging_strategy="no")
@@ -226,12 +236,18 @@ class TrlPrecompute:
 def timed(fn: Scorer) -> tuple[float, tuple[np.ndarray, np.ndarray], dict]:
     """Seconds, result, and what else happened: this process's CPU seconds, the share of the machine's cores
     that other processes kept busy (a contended run is slower for reasons no tool controls), and memory
-    (peak RSS during the call and its growth over the RSS at the start, MB)."""
+    (peak RSS during the call and its growth over the RSS at the start, MB; the GPU's peak allocation)."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     reset = reset_peak_rss()
     start_kb = status_kb("VmRSS")
     busy0, cpu0 = cpu_busy_s(), time.process_time()
     t0 = time.perf_counter()
     result = fn()
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     cpu, busy1 = time.process_time() - cpu0, cpu_busy_s()
     peak_kb = status_kb("VmHWM") if reset else None
@@ -240,7 +256,8 @@ def timed(fn: Scorer) -> tuple[float, tuple[np.ndarray, np.ndarray], dict]:
         other = max(0.0, (busy1 - busy0 - cpu) / (seconds * (os.cpu_count() or 1)))
     info = {"cpu_seconds": cpu, "other_load": other,
             "peak_rss_mb": peak_kb / 1024 if peak_kb else None,
-            "rss_growth_mb": max(0, peak_kb - start_kb) / 1024 if peak_kb and start_kb else None}
+            "rss_growth_mb": max(0, peak_kb - start_kb) / 1024 if peak_kb and start_kb else None,
+            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
     return seconds, result, info
 
 
@@ -307,6 +324,11 @@ def max_abs_diff(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarr
     return float(max(np.max(np.abs(a[0] - b[0])), np.max(np.abs(a[1] - b[1]))))
 
 
+def max_rel_diff(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
+    """Largest |a - b| / max(1, |b|) over sequences: bfloat16's rounding scales with the log-prob."""
+    return float(max(np.max(np.abs(x - y) / np.maximum(1.0, np.abs(y))) for x, y in zip(a, b)))
+
+
 def _stats(values: list[int]) -> dict:
     return {"min": int(min(values)), "median": float(statistics.median(values)), "max": int(max(values))}
 
@@ -331,7 +353,8 @@ def trl_token_check(trl: TrlPrecompute, data: PairData) -> dict:
 def machine_info(threads: int) -> dict:
     import transformers
 
-    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    gpu = {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda} if torch.cuda.is_available() else {}
+    return {**gpu, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": threads, "flush_denormal": True,
             "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
             "transformers": transformers.__version__, "trl": trl_version()}
@@ -363,9 +386,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default 0.10), and wait for at most --idle-wait s of quiet before each pass")
     p.add_argument("--retries", type=int, default=2, help="redos of a contended pass (default 2)")
     p.add_argument("--idle-wait", type=float, default=120.0, help="seconds to wait for quiet (default 120)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="every tool's model dtype (default: float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "score_bench.json")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available to torch")
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     args.tools = [t for t in args.tools.split(",") if t]
     if unknown := set(args.tools) - set(TOOLS) - set(REFDPO_VARIANTS):
         p.error(f"unknown tools: {', '.join(sorted(unknown))}")
@@ -406,7 +435,8 @@ def build_scorers(args: argparse.Namespace, setup: Setup, workdir: Path,
     if "trl" in args.tools:
         try:
             # Its own copy: DPOTrainer patches the model's forward (fused LM head) and owns it.
-            trl = TrlPrecompute(copy.deepcopy(model), setup, args.trl_batch, args.max_len, workdir)
+            trl = TrlPrecompute(copy.deepcopy(model), setup, args.trl_batch, args.max_len, workdir,
+                                bf16=args.dtype == "bfloat16")
         except Exception as e:  # TRL missing or incompatible: report and go on with the others
             traceback.print_exc()
             skipped["trl"] = f"DPOTrainer could not be built ({type(e).__name__}: {e})"
@@ -440,6 +470,7 @@ def report(args: argparse.Namespace, setup: Setup, times: dict[str, list[float]]
         summary[tool] = {"seconds": ts, "seconds_median": median, "cpu_seconds": each("cpu_seconds"),
                          "tokens_per_pass": tool_tokens[tool], "tokens_per_s": tool_tokens[tool] / median,
                          "peak_rss_mb": max(peaks) if peaks else None,
+                         "peak_gpu_mb": max(each("peak_gpu_mb"), default=None),
                          "rss_growth_mb": max(growth) if growth else None,
                          "other_load": other, "other_load_max": max(other) if other else None,
                          "discarded_contended": [d for i in infos[tool] for d in i["discarded_contended"]]}
@@ -452,8 +483,15 @@ def report(args: argparse.Namespace, setup: Setup, times: dict[str, list[float]]
     if "refdpo" in results and "trl" in results:
         agreement["refdpo_vs_trl_max_abs_nats"] = max_abs_diff(results["refdpo"], results["trl"])
     if "refdpo_vs_naive_max_abs_nats" in agreement:
-        agreement["refdpo_vs_naive_within_tol"] = agreement["refdpo_vs_naive_max_abs_nats"] <= AGREE_TOL
-    agreement["tolerance_nats"] = AGREE_TOL
+        if args.dtype == "float32":
+            agreement["refdpo_vs_naive_within_tol"] = agreement["refdpo_vs_naive_max_abs_nats"] <= AGREE_TOL
+        else:
+            rel = max_rel_diff(results["refdpo"], results["naive"])
+            agreement.update(refdpo_vs_naive_max_rel=rel, refdpo_vs_naive_within_tol=rel <= BF16_REL_TOL)
+    if args.dtype == "float32":
+        agreement["tolerance_nats"] = AGREE_TOL
+    else:
+        agreement["tolerance_relative"] = BF16_REL_TOL
 
     ratios = {}
     for other, target in (("naive", 3.0), ("trl", 2.0)):
@@ -464,14 +502,15 @@ def report(args: argparse.Namespace, setup: Setup, times: dict[str, list[float]]
     print(f"\nmodel {args.size} ({sum(p.numel() for p in setup.model.parameters()) / 1e6:.1f}M params), "
           f"{len(setup.data)} pairs, {tokens} tokens per pass, {args.threads} threads, {args.reps} reps")
     print(f"{'tool':<12} {'s (median)':>10} {'s (min-max)':>14} {'tokens/s':>10} {'peak RSS MB':>12} "
-          f"{'+RSS MB':>8} {'other load':>10}")
+          f"{'+RSS MB':>8} {'other load':>10} {'peak GPU MB':>11}")
     for tool, s in summary.items():
         rss = f"{s['peak_rss_mb']:.0f}" if s["peak_rss_mb"] else "n/a"
         growth = f"{s['rss_growth_mb']:.0f}" if s["rss_growth_mb"] is not None else "n/a"
         load = f"{100 * s['other_load_max']:.0f}%" if s["other_load_max"] is not None else "n/a"
         span = f"{min(s['seconds']):.2f}-{max(s['seconds']):.2f}"
+        gpu = f"{s['peak_gpu_mb']:.0f}" if s["peak_gpu_mb"] is not None else "n/a"
         print(f"{tool:<12} {s['seconds_median']:>10.2f} {span:>14} {s['tokens_per_s']:>10.0f} {rss:>12} "
-              f"{growth:>8} {load:>10}")
+              f"{growth:>8} {load:>10} {gpu:>11}")
     print("(other load: the largest share of the machine's cores other processes used during a timed pass)")
     for name, r in ratios.items():
         print(f"{name}: {r['speedup']:.2f}x (target >= {r['target']:.0f}x: {'met' if r['met'] else 'NOT met'})")
@@ -497,7 +536,8 @@ def report(args: argparse.Namespace, setup: Setup, times: dict[str, list[float]]
             "config": {"size": args.size, "model": SIZES[args.size], "vocab_size": setup.model.config.vocab_size,
                        "tokenizer_vocab": len(setup.tokenizer),
                        "parameters": sum(p.numel() for p in setup.model.parameters()),
-                       "attn_implementation": setup.model.config._attn_implementation, "dtype": "float32",
+                       "attn_implementation": setup.model.config._attn_implementation, "dtype": args.dtype,
+                       "device": args.device,
                        "template": TEMPLATE, "max_len": args.max_len, "reps": args.reps, "seed": args.seed,
                        "order": "alternating per rep: " + ", ".join(times), "trl_batch": args.trl_batch,
                        "max_other_load": args.max_other_load, "retries": args.retries,
@@ -515,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="score_bench_") as tmp:
         workdir = Path(tmp)
         t0 = time.perf_counter()
-        setup = build_setup(args.size, args.pairs, args.max_len, args.seed, workdir, args.vocab)
+        setup = build_setup(args.size, args.pairs, args.max_len, args.seed, workdir, args.vocab, args.device,
+                            args.dtype)
         print(f"setup {time.perf_counter() - t0:.1f}s: {data_stats(setup.data)}", flush=True)
         scorers, prepares, extra = build_scorers(args, setup, workdir, skipped)
 

@@ -215,7 +215,9 @@ def _redirect_head(model: torch.nn.Module, compute):
 
 def _fused_ok(model: torch.nn.Module) -> bool:
     head = _unwrap(model).get_output_embeddings()
-    return type(head) is torch.nn.Linear  # a LoRA/quantised head computes more than weight @ h
+    # A plain Linear, also when FSDP2 has made its class a subclass (FSDPLinear); a LoRA or quantised head
+    # computes more than weight @ h, which its own forward says.
+    return isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward
 
 
 def token_logprobs_at(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -292,10 +294,31 @@ def sequence_logprobs(model: torch.nn.Module, batch: dict, fused: bool = True,
     return token_lp.sum(dim=1, dtype=torch.float64), counts
 
 
+# Two computations of the same summed log-probs (two layouts, two heads) differ by rounding alone within
+# AGREE_ATOL nats, growing with the sums past 100 nats; in bfloat16/float16 (weights, autocast, or an FSDP2/ZeRO-3
+# bf16 policy) LOW_PRECISION_FACTOR times that. Measured on an H200, 0.5B random Llama, sums of ~400 nats: layouts
+# differed by up to 0.037 nats in bf16 (float32 tolerance there: 0.004; bf16: 0.13). A layout or head that is
+# actually wrong (sequences seeing each other, a missed logit transform) is off by nats.
+AGREE_ATOL = 1e-3
+LOW_PRECISION_FACTOR = 32
+
+
+def low_precision(model: torch.nn.Module) -> bool:
+    """Are the model's weights in bfloat16/float16? (Mixed precision is the caller's to say.)"""
+    return next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
+
+
+def agreement_tolerance(largest: float, low_precision: bool) -> float:
+    """Tolerance in nats for comparing summed log-probs whose largest magnitude is `largest` (see AGREE_ATOL)."""
+    return AGREE_ATOL * max(1.0, largest / 100) * (LOW_PRECISION_FACTOR if low_precision else 1)
+
+
 @torch.no_grad()
-def head_matches_model(model: torch.nn.Module, batch: dict, atol: float = 1e-3) -> tuple[bool, float]:
+def head_matches_model(model: torch.nn.Module, batch: dict, low_precision_compute: bool | None = None
+                       ) -> tuple[bool, float]:
     """Does the redirected head give the model's own log-probs on `batch`? Returns (ok, max abs difference);
-    an architecture the redirection cannot handle at all is (False, inf), with the reason logged."""
+    an architecture the redirection cannot handle at all is (False, inf), with the reason logged.
+    `low_precision_compute`: the model computes in bf16/fp16 (default: its weights' dtype says)."""
     if not _fused_ok(model):
         return False, math.inf
     was_training = model.training
@@ -309,8 +332,8 @@ def head_matches_model(model: torch.nn.Module, batch: dict, atol: float = 1e-3) 
     finally:
         model.train(was_training)
     diff = (fused - plain).abs().max().item() if fused.numel() else 0.0
-    tol = atol * max(1.0, plain.abs().max().item() / 100) if plain.numel() else atol
-    return diff <= tol, diff
+    low = low_precision(model) if low_precision_compute is None else low_precision_compute
+    return diff <= agreement_tolerance(plain.abs().max().item() if plain.numel() else 0.0, low), diff
 
 
 def reference_logprobs_float64(model: torch.nn.Module, batch: dict) -> torch.Tensor:

@@ -51,7 +51,13 @@ from refdpo.data.pairs import reference_pairs
 from refdpo.data.templates import PRIOR_PREFIXES, check_template
 from refdpo.data.writing import check_writable, output_format, push_to_hub, write_records
 from refdpo.errors import ConfigError, RefdpoError
-from refdpo.logprobs import head_matches_model, sequence_logprobs, token_logprobs_at
+from refdpo.logprobs import (
+    agreement_tolerance,
+    head_matches_model,
+    low_precision,
+    sequence_logprobs,
+    token_logprobs_at,
+)
 from refdpo.modeling import (
     custom_mask_problem,
     inference_dtype,
@@ -170,7 +176,7 @@ def _sharing_possible(model: torch.nn.Module, data: PairData) -> str | None:
 def decide_layout(model: torch.nn.Module, data: PairData, pad_id: int, share_prompt: bool = True,
                   probe_pairs: int = 1) -> tuple[bool, bool]:
     """(fused head?, shared prompt?): each optimisation is used only if it reproduces the plain computation on
-    real pairs of this data (1e-3 nats, scaled for long sequences); otherwise the reason is logged."""
+    real pairs of this data (logprobs.agreement_tolerance); otherwise the reason is logged."""
     device = input_device(model)
     k = min(len(data), probe_pairs)
     first = to_device(collate_pairs(data, np.arange(k), np.ones(k), pad_id), device)
@@ -185,7 +191,7 @@ def decide_layout(model: torch.nn.Module, data: PairData, pad_id: int, share_pro
         plain = np.concatenate(score_batch(model, data, probe, False, pad_id, fused))
         packed = np.concatenate(score_batch(model, data, probe, True, pad_id, fused))
         diff = float(np.max(np.abs(plain - packed)))
-        if not diff <= 1e-3 * max(1.0, float(np.max(np.abs(plain))) / 100):
+        if not diff <= agreement_tolerance(float(np.max(np.abs(plain))), low_precision(model)):
             reason = f"it differs from the plain layout by {diff:.2g} nats on this model"
     if reason is not None:
         log.warning("scoring chosen and rejected without sharing the prompt: %s", reason)

@@ -35,6 +35,7 @@ from refdpo.data import (
     to_device,
 )
 from refdpo.data.templates import check_template
+from refdpo.engine import describe_engine, engine_name, keep_fsdp2_outputs_dtype
 from refdpo.errors import ConfigError
 from refdpo.evaluate import evaluate_pairs, forward_pairs
 from refdpo.layout import choose_collate
@@ -159,6 +160,7 @@ def train(cfg: TrainConfig, data_cache: dict | None = None) -> dict:
     if not accelerator.is_main_process:
         logging.getLogger("refdpo").setLevel(logging.WARNING)
     device = accelerator.device
+    engine = describe_engine(accelerator)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # denormal floats slow CPU matmuls by up to 4x, and change nothing here
     else:
@@ -172,6 +174,7 @@ def train(cfg: TrainConfig, data_cache: dict | None = None) -> dict:
     train_data = load_pairs(cfg, cfg.train_split, tokenizer, cfg.max_train_pairs, data_cache)
     val_data = load_pairs(cfg, cfg.val_split, tokenizer, cfg.max_val_pairs, data_cache) if cfg.val_split else None
 
+    log.info("engine: %s", engine_name(engine))  # after the data: a data error stays the only line
     model = load_policy(cfg, device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.max_lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
@@ -181,6 +184,7 @@ def train(cfg: TrainConfig, data_cache: dict | None = None) -> dict:
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     if accelerator.state.deepspeed_plugin is not None:
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    keep_fsdp2_outputs_dtype(accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped by hand: once per optimizer step
 
@@ -213,11 +217,13 @@ def train(cfg: TrainConfig, data_cache: dict | None = None) -> dict:
 
     # The chunked LM head must reproduce the model's own log-probs; check once on real data, else fall back.
     probe = to_device(collate_pairs(train_data, [0], [1.0], pad_id), device)
-    fused, diff = head_matches_model(model, probe)
+    low = accelerator.mixed_precision in ("bf16", "fp16") or cfg.dtype != "float32"
+    fused, diff = head_matches_model(model, probe, low)
     if not fused:
         log.warning("chunked LM head disagrees with the model's logits (max diff %.2g): using full logits", diff)
+    engine["lm_head"] = "tiled" if fused else "full logits"
     longest = int(val_data.token_counts().max()) if val_data is not None else 0
-    collate = choose_collate(model, train_data, pad_id, device, fused, cfg.packing, cfg.pack_capacity, longest)
+    collate = choose_collate(model, train_data, pad_id, device, fused, cfg.packing, cfg.pack_capacity, longest, low)
 
     def run_eval(epoch_progress: float) -> bool:
         """Evaluate on the validation split, log it; True when this is the lowest validation loss so far."""
@@ -273,7 +279,7 @@ def train(cfg: TrainConfig, data_cache: dict | None = None) -> dict:
     bar.close()
     accelerator.end_training()
 
-    summary = {"run_dir": str(run_dir), "steps": state["global_step"], "best_step": state["best_step"],
+    summary = {"run_dir": str(run_dir), "engine": engine, "steps": state["global_step"], "best_step": state["best_step"],
                "best_val_loss": state["best_val_loss"], "last_val": state.get("last_val"),
                "best": str(ckpt.resolve(run_dir, "best")) if ckpt.resolve(run_dir, "best") else None,
                "last": str(ckpt.resolve(run_dir, "last")) if ckpt.resolve(run_dir, "last") else None,

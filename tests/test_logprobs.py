@@ -11,6 +11,7 @@ plain computation on a float64 deep copy of the model (`reference_logprobs_float
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -283,9 +284,11 @@ def test_padding_invariance(llama_pair, batch, fused):
             alone = make_batch([n], [int(batch["response_start"][row])], width=n)  # no padding at all
             alone["input_ids"][0] = batch["input_ids"][row, :n]
             tokens = token_lps(model, alone, fused=fused)
-            # SAME_COMPUTE_TOL nats per token and per (float64-accumulated) sequence.
+            # SAME_COMPUTE_TOL nats per token; a (float64-accumulated) sequence sums n such roundings, which
+            # add like a random walk (measured: 1.05e-5 nats over one row's tokens with transformers 5.24).
             assert (tokens[0] - together[row, :n]).abs().max().item() <= SAME_COMPUTE_TOL
-            assert abs(tokens.double().sum().item() - together[row].double().sum().item()) <= SAME_COMPUTE_TOL
+            assert abs(tokens.double().sum().item() - together[row].double().sum().item()) \
+                <= SAME_COMPUTE_TOL * math.sqrt(n)
             assert together[row, n:].abs().max().item() == 0
 
 

@@ -251,6 +251,29 @@ def test_memory_and_attention_options_do_not_change_the_numbers(tiny_setup, tmp_
     assert max_diff(weights(tmp_path / "base"), weights(tmp_path / "other")) < 1e-5
 
 
+@NO_CXX
+def test_compile_with_gradient_checkpointing_compiles_the_training_step(tiny_setup, tmp_path, monkeypatch):
+    """Layers compiled by evaluation first, then called from inside a checkpoint, used to run eagerly without a
+    word (the losses equal to eager's to the last bit): the checkpoint now goes inside the compiled layer."""
+    from torch._dynamo.utils import counters
+
+    import refdpo.train as rt
+
+    original, graphs = rt._train_step, []
+
+    def step(*args, **kwargs):
+        if not graphs:
+            counters.clear()  # count what the training steps compile, not the start-up checks or evaluation
+        result = original(*args, **kwargs)
+        graphs.append(counters["stats"]["unique_graphs"])
+        return result
+
+    monkeypatch.setattr(rt, "_train_step", step)
+    train(train_config(tiny_setup, tmp_path / "run", max_train_pairs=24, gradient_checkpointing=True,
+                       compile=True))
+    assert graphs and graphs[-1] >= 1
+
+
 def test_bf16_mixed_precision_on_cpu(tiny_setup, tmp_path):
     train(train_config(tiny_setup, tmp_path / "run", max_train_pairs=16, max_val_pairs=16, mixed_precision="bf16"))
     steps, evals = read_metrics(tmp_path / "run")
