@@ -156,6 +156,8 @@ def judge_train(name: str, rc: int, seconds: float, run: dict, base: dict | None
             problems.append(f"engine {engine} is not {kind} {key}={value}")
     if engine.get("lm_head") != "tiled":
         problems.append(f"LM head: {engine.get('lm_head')!r}, not the tiled head")
+    if run.get("packed") is False:
+        problems.append("trained on padded rows: the start-up check refused packing")
     if name == "compile" and not run.get("inductor_kernels"):
         problems.append("inductor wrote no kernels: the layers were not compiled")
     if name == "compile" and base is not None and losses == base["losses"]:
@@ -206,8 +208,9 @@ def run_training_checks(names: list[str], setup: Path, work: Path, args, cuda: b
             rc = 124
         log.close()
         results[name] = (rc, time.perf_counter() - t0, read_run(work / "runs" / name), cmd)
+        text = (work / f"{name}.log").read_text(errors="replace")
+        results[name][2]["packed"] = "running without packing" not in text
         if name == "compile":
-            text = (work / "compile.log").read_text(errors="replace")
             results[name][2].update(inductor_kernels=len(list(inductor_cache.rglob("*.py"))),
                                     graph_breaks=text.count("Graph break"))
     base = results.get("sdpa", (None, None, None, None))[2]

@@ -2,7 +2,8 @@
 
 Run folder:
   checkpoints/step-0001200/   HF model (save_pretrained, safetensors) + tokenizer + config,
-                              state/ (accelerate save_state: optimizer, scheduler, RNG; only in `last`),
+                              state/ (resume.py: optimizer, scheduler, RNG, not the weights again; only in
+                              `last`),
                               trainer_state.json (epoch, step, best val loss, ...)
   last -> checkpoints/step-…  the newest resumable checkpoint
   best -> checkpoints/step-…  lowest validation loss so far
@@ -34,8 +35,48 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """`atomic_write_text` for bytes."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def atomic_write_json(path: str | Path, obj: object) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+_LOCKS: dict[Path, object] = {}  # this process's open locks: a run that failed in-process (a sweep) and is
+# retried must reuse its own lock, as flock refuses a second open file of the same process too
+
+
+def lock_run_dir(run_dir: Path):
+    """Create `run_dir` and take an exclusive lock on its `.lock` for as long as the returned file stays open
+    (the kernel releases it when the process ends, killed or not). Returns (lock file, None), or (None, the
+    holder's pid as written) when another process holds it: two runs must not write one folder at once."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    held = _LOCKS.get(run_dir.resolve())
+    if held is not None and not held.closed:
+        return held, None
+    handle = open(run_dir / ".lock", "a+")  # noqa: SIM115 (held open: the lock lives as long as the file)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        return None, holder
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _LOCKS[run_dir.resolve()] = handle
+    return handle, None
 
 
 def _point(run_dir: Path, name: str, target: Path) -> None:
@@ -53,18 +94,50 @@ def resolve(run_dir: str | Path, name: str) -> Path | None:
     return link.resolve() if link.is_symlink() and link.resolve().is_dir() else None
 
 
+def full_state_dict(accelerator, model) -> dict:
+    """The model's whole state dict on the main process (gathered under ZeRO-3 and FSDP2; FSDP2's own
+    accelerate path returns sharded DTensors), tied weights once: the keys a 1-process export has. Collective."""
+    if accelerator.distributed_type.value == "FSDP":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    elif accelerator.distributed_type.value == "DEEPSPEED" and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        # What accelerate's get_state_dict returns only when the DeepSpeed config sets
+        # stage3_gather_16bit_weights_on_model_save (else it raises): gathered module by module, in the
+        # module's dtype (bf16 under DeepSpeed's bf16; its float32 master copy is in the optimizer state).
+        state_dict = model._zero3_consolidated_16bit_state_dict() or {}  # None off the main process
+    else:
+        state_dict = accelerator.get_state_dict(model)
+    head_key = tied_head_key(accelerator.unwrap_model(model))
+    if head_key in state_dict and len(state_dict) > 1:
+        del state_dict[head_key]  # the embeddings' weight, saved once; from_pretrained ties it again
+    return state_dict
+
+
+def tied_head_key(model) -> str | None:
+    """The state-dict key of the output head's weight when it is tied to the input embeddings, else None."""
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if head is None or embeddings is None or not getattr(config, "tie_word_embeddings", False):
+        return None
+    return next((f"{name}.weight" for name, module in model.named_modules() if module is head), None)
+
+
 def export_model(accelerator, model, tokenizer, out: Path) -> None:
     """save_pretrained of the unwrapped model (gathered under ZeRO-3/FSDP) and the tokenizer. Collective."""
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = full_state_dict(accelerator, model)
     accelerator.unwrap_model(model).save_pretrained(out, state_dict=state_dict,
                                                     is_main_process=accelerator.is_main_process)
     if accelerator.is_main_process:
         tokenizer.save_pretrained(out)
 
 
-def save_checkpoint(accelerator, model, tokenizer, run_dir: Path, step: int, trainer_state: dict,
-                    is_best: bool) -> Path:
-    """Save a resumable checkpoint for `step`, point `last` (and `best`) at it, prune the rest. Collective."""
+def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, run_dir: Path, step: int,
+                    trainer_state: dict, is_best: bool) -> Path:
+    """Save a resumable checkpoint for `step` (the export, and the state of resume.py beside it), point `last`
+    (and `best`) at it, prune the rest. Collective."""
+    from refdpo.resume import save_state
+
     final = run_dir / CHECKPOINTS / f"step-{step:07d}"
     tmp = run_dir / CHECKPOINTS / f".tmp-step-{step:07d}"
     if accelerator.is_main_process:
@@ -73,7 +146,7 @@ def save_checkpoint(accelerator, model, tokenizer, run_dir: Path, step: int, tra
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     export_model(accelerator, model, tokenizer, tmp)
-    accelerator.save_state(str(tmp / STATE))
+    save_state(accelerator, model, optimizer, scheduler, tmp / STATE)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(tmp / TRAINER_STATE, trainer_state)

@@ -27,6 +27,7 @@ from refdpo.data import (
     to_device,
 )
 from refdpo.data.templates import check_template
+from refdpo.engine import start_processes
 from refdpo.layout import choose_collate
 from refdpo.logprobs import head_matches_model, sequence_logprobs
 from refdpo.metrics import PairStats
@@ -102,7 +103,7 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     from accelerate import Accelerator
 
     reset_accelerate_state()
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=start_processes())  # a CPU launch: one gloo group, not independent processes
     rows = []
     for name in cfg.models:
         path = model_path(name)

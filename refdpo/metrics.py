@@ -66,8 +66,10 @@ class PairStats:
 class MetricsLog:
     """metrics.jsonl (one JSON object per logged step) plus accelerate's trackers (TensorBoard, W&B)."""
 
-    def __init__(self, run_dir: Path, accelerator, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, accelerator, resume_step: int | None = None, header: dict | None = None):
+        """`header`: fields added to the first record this run writes (how the run was made: its engine)."""
         self.accelerator = accelerator
+        self.header = header
         self.path = Path(run_dir) / "metrics.jsonl"
         if accelerator.is_main_process and resume_step is not None and self.path.exists():
             self._truncate_after(resume_step)
@@ -90,6 +92,8 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.accelerator.is_main_process:
             return
+        if self.header:
+            record, self.header = {**record, **self.header}, None
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}

@@ -50,6 +50,7 @@ from refdpo.data.collate import collate_shared, shares_prompt
 from refdpo.data.pairs import reference_pairs
 from refdpo.data.templates import PRIOR_PREFIXES, check_template
 from refdpo.data.writing import check_writable, output_format, push_to_hub, write_records
+from refdpo.engine import ENGINES, requested_engine, start_processes
 from refdpo.errors import ConfigError, RefdpoError
 from refdpo.logprobs import (
     agreement_tolerance,
@@ -251,9 +252,14 @@ def _vllm_scorer(cfg: ScoreConfig, data: PairData):
 def score(cfg: ScoreConfig) -> dict:
     """Run `refdpo score` as configured; returns a summary (rows, coverage, speed, output paths)."""
     from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
 
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    start_processes()
+    state = PartialState()
+    engine = requested_engine()["engine"]
+    if engine is not None and state.is_main_process:
+        log.info("scoring is data-parallel under %s too: each of the %d processes holds the whole model and "
+                 "scores its own rows (--device_map auto spreads a model too large for one GPU)",
+                 ENGINES[engine], state.num_processes)
     if (cfg.device_map or cfg.backend == "vllm") and state.num_processes > 1:
         raise ConfigError("--device_map auto and --backend vllm spread one model over the GPUs of one process "
                           "(vllm: --tensor_parallel_size): launch a single process")

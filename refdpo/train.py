@@ -35,13 +35,20 @@ from refdpo.data import (
     to_device,
 )
 from refdpo.data.templates import check_template
-from refdpo.engine import describe_engine, engine_name, keep_fsdp2_outputs_dtype
+from refdpo.engine import (
+    describe_engine,
+    engine_name,
+    keep_fsdp2_outputs_dtype,
+    make_accelerator,
+    start_processes,
+)
 from refdpo.errors import ConfigError
 from refdpo.evaluate import evaluate_pairs, forward_pairs
 from refdpo.layout import choose_collate
 from refdpo.logprobs import head_matches_model
 from refdpo.metrics import MetricsLog, PairStats
 from refdpo.modeling import load_policy, load_tokenizer, pad_token_id, reset_accelerate_state
+from refdpo.resume import load_state
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +100,10 @@ def _check_provenance(cfg: TrainConfig, raw: RawSplit, data: PairData, tokenizer
 def _run_dir(cfg: TrainConfig) -> Path:
     """--output_dir, or runs/<date-time> chosen by the main process and shared with the others."""
     from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list, parse_flag_from_env
+    from accelerate.utils import broadcast_object_list
 
     name = [cfg.output_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}"]
-    # This sets up the process group the Accelerator then shares; `cpu` as the Accelerator reads it, or a
-    # multi-process CPU launch would come up as independent single processes.
-    if PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).num_processes > 1:
+    if PartialState().num_processes > 1:
         broadcast_object_list(name)
     return Path(name[0])
 
@@ -114,6 +119,25 @@ def _resume_point(cfg: TrainConfig, run_dir: Path) -> Path | None:
         raise ConfigError(f"{run_dir} already holds a run: continue it with --resume, or pick another "
                           "--output_dir")
     return None
+
+
+def _lock_run_dir(run_dir: Path, accelerator, if_exists: bool = False, held=None):
+    """The main process's lock on the run folder (checkpoint.lock_run_dir; `held`: the one it took already);
+    every process calls this, and all refuse together when another run holds it. `if_exists`: lock only a
+    folder that exists already (None otherwise), so that a run refused later for its data creates nothing."""
+    from accelerate.utils import broadcast_object_list
+
+    lock, problem = held, [None]
+    if accelerator.is_main_process and held is None and not (if_exists and not run_dir.exists()):
+        lock, holder = ckpt.lock_run_dir(run_dir)
+        if lock is None:
+            problem[0] = (f"{run_dir} is being written by another run (pid {holder}): two runs would overwrite "
+                          "each other's checkpoints; wait for it to end, or pick another --output_dir")
+    if accelerator.num_processes > 1:
+        broadcast_object_list(problem)
+    if problem[0]:
+        raise ConfigError(problem[0])
+    return lock
 
 
 def _peak_memory_gb(device: torch.device) -> float:
@@ -147,16 +171,17 @@ def _train_step(model, optimizer, accelerator, micro_batches, valid: int, data: 
 def train(cfg: TrainConfig, data_cache: dict | None = None) -> dict:
     """Train as configured; returns a summary (run folder, best step and validation loss, last metrics).
     `data_cache`: tokenised splits shared across the runs of a sweep (see load_pairs)."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_linear_schedule_with_warmup
 
     if "wandb" in cfg.trackers and importlib.util.find_spec("wandb") is None:
         raise ConfigError("--report_to wandb needs the wandb package: pip install 'refdpo[wandb]'")
     reset_accelerate_state()
+    cpu = start_processes()
     run_dir = _run_dir(cfg)
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.accumulate_step, mixed_precision=cfg.mixed_precision,
-                              log_with=cfg.trackers or None, project_dir=str(run_dir))
+    accelerator = make_accelerator(cpu, gradient_accumulation_steps=cfg.accumulate_step,
+                                   mixed_precision=cfg.mixed_precision, log_with=cfg.trackers or None,
+                                   project_dir=str(run_dir))
     if not accelerator.is_main_process:
         logging.getLogger("refdpo").setLevel(logging.WARNING)
     device = accelerator.device
@@ -166,6 +191,7 @@ def train(cfg: TrainConfig, data_cache: dict | None = None) -> dict:
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(cfg.seed)
+    lock = _lock_run_dir(run_dir, accelerator, if_exists=True)  # before anything is loaded: a live run's folder
     resume_from = _resume_point(cfg, run_dir)
 
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.revision, cfg.trust_remote_code)
@@ -186,7 +212,6 @@ def train(cfg: TrainConfig, data_cache: dict | None = None) -> dict:
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
     keep_fsdp2_outputs_dtype(accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)  # stepped by hand: once per optimizer step
 
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_val_loss": None, "best_step": None,
              "global_batch": sampler.global_batch, "train_pairs": len(train_data), "total_steps": total_steps}
@@ -196,12 +221,12 @@ def train(cfg: TrainConfig, data_cache: dict | None = None) -> dict:
             if saved[key] != state[key]:
                 raise ConfigError(f"cannot resume {run_dir}: its {key} was {saved[key]}, now {state[key]} "
                                   "(resuming needs the same data and global batch)")
-        accelerator.load_state(str(resume_from / ckpt.STATE))
+        load_state(accelerator, model, optimizer, scheduler, resume_from)
         state.update(saved)
         log.info("resumed from %s (step %d)", resume_from, state["global_step"])
 
+    lock = _lock_run_dir(run_dir, accelerator, held=lock)
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, run_dir / "config.yaml")
     if cfg.trackers:
         wandb_kwargs = {"name": run_dir.name, "dir": str(run_dir), "resume": "allow",
@@ -213,7 +238,7 @@ def train(cfg: TrainConfig, data_cache: dict | None = None) -> dict:
     # On resume, what a killed run logged after its checkpoint is dropped (it is logged again); resuming a run
     # killed before its first checkpoint starts the log afresh.
     resume_step = state["global_step"] if resume_from is not None else (-1 if cfg.resume else None)
-    metrics_log = MetricsLog(run_dir, accelerator, resume_step=resume_step)
+    metrics_log = MetricsLog(run_dir, accelerator, resume_step=resume_step, header={"engine": engine})
 
     # The chunked LM head must reproduce the model's own log-probs; check once on real data, else fall back.
     probe = to_device(collate_pairs(train_data, [0], [1.0], pad_id), device)
@@ -274,7 +299,8 @@ def train(cfg: TrainConfig, data_cache: dict | None = None) -> dict:
             due_eval = val_data is not None and (global_step % cfg.eval_interval == 0 or end_of_epoch)
             if due_eval or global_step % save_every == 0 or global_step == total_steps:
                 is_best = run_eval(progress) if due_eval else False
-                ckpt.save_checkpoint(accelerator, model, tokenizer, run_dir, global_step, state, is_best)
+                ckpt.save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, run_dir, global_step, state,
+                                     is_best)
                 window_start = time.perf_counter()  # evaluation and saving are not training throughput
     bar.close()
     accelerator.end_training()
@@ -286,4 +312,5 @@ def train(cfg: TrainConfig, data_cache: dict | None = None) -> dict:
                "data": {"train": train_data.stats, "val": val_data.stats if val_data else None}}
     if accelerator.is_main_process:
         ckpt.atomic_write_json(run_dir / "summary.json", summary)
+        lock.close()
     return summary

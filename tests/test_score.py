@@ -188,17 +188,23 @@ def test_kill_and_resume_gives_byte_identical_output(tiny_setup, tmp_path):
     assert _scrub(tmp_path / "killed.jsonl.provenance.json") == _scrub(tmp_path / "full.jsonl.provenance.json")
 
 
-def test_two_processes_score_each_row_once_and_equal_one_process(tiny_setup, tmp_path):
+@pytest.mark.parametrize("flags", [["--multi_gpu"], ["--use_fsdp", "--fsdp_version", "2"],
+                                   ["--use_deepspeed", "--zero_stage", "3"]], ids=["ddp", "fsdp2", "zero3"])
+def test_two_processes_score_each_row_once_and_equal_one_process(tiny_setup, tmp_path, flags):
     args = ["score", "--model", str(tiny_setup / "model"), "--dataset", str(tiny_setup / "data"), "--split",
             "train", "--max_len", "512", "--batch_tokens", "512", "--save_every", "2", "--no-progress"]
     single = run_cli(args + ["--out", str(tmp_path / "one.jsonl")])
     assert single.returncode == 0, single.stderr[-3000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "refdpo"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "true"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              str(29800 + sum(map(len, flags))), "-m", "refdpo"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
     double = subprocess.run(launch + args + ["--out", str(tmp_path / "two.jsonl")], capture_output=True,
                             text=True, env=env, timeout=600, cwd=REPO)
     assert double.returncode == 0, double.stderr[-3000:]
+    if flags != ["--multi_gpu"]:  # training engines: scoring says it stays data-parallel
+        assert "scoring is data-parallel under" in double.stderr
     one, two = read_jsonl(tmp_path / "one.jsonl"), read_jsonl(tmp_path / "two.jsonl")
     assert len(one) == len(two) == 256
     assert [r["prompt_id"] for r in one] == [r["prompt_id"] for r in two]

@@ -6,36 +6,17 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
-import torch
-from helpers import REPO, run_cli, train_config
+from helpers import REPO, kill_at_checkpoint, max_diff, read_metrics, run_cli, train_config, weights
 from safetensors.torch import load_file
 
 from refdpo.errors import ConfigError
 from refdpo.train import train
 
 LN2 = math.log(2)
-
-
-def read_metrics(run: Path) -> tuple[list[dict], list[dict]]:
-    """(training records, validation records) of metrics.jsonl."""
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
-
-
-def weights(run: Path, name: str = "last") -> dict[str, torch.Tensor]:
-    return load_file(run / name / "model.safetensors")
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
 def test_step0_loss_is_ln2_and_rewards_are_zero_when_reference_is_the_initial_policy(tiny_setup, tmp_path):
@@ -93,32 +74,6 @@ def test_a_partial_last_batch_is_weighted_exactly(tiny_setup, tmp_path):
     assert max_diff(weights(tmp_path / "a"), weights(tmp_path / "b")) < 1e-5
 
 
-def test_distributed_two_processes_equal_one_process(tiny_setup, tmp_path):
-    common = ["train", "--model", str(tiny_setup / "model"), "--dataset", str(tiny_setup / "data"),
-              "--max_train_pairs", "48", "--max_val_pairs", "20", "--epochs", "1", "--max_lr", "1e-3",
-              "--eval_interval", "3", "--report_freq", "1", "--report_to", "none", "--no-gradient_checkpointing",
-              "--seed", "0"]
-    single = run_cli(common + ["--batch_size", "8", "--output_dir", str(tmp_path / "one")])
-    assert single.returncode == 0, single.stderr[-3000:]
-    # `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x unless given an MPI
-    # hostfile; its torchrun launcher with ACCELERATE_USE_CPU starts two gloo processes (DistributedType.MULTI_CPU).
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "refdpo"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "true"}
-    double = subprocess.run(launch + common + ["--batch_size", "4", "--output_dir", str(tmp_path / "two")],
-                            capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
-    assert double.returncode == 0, double.stderr[-3000:]
-    (s1, e1), (s2, e2) = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    assert len(s1) == len(s2) == 6 and len(e1) == len(e2) == 3  # steps 0, 3, 6
-    for a, b in zip(s1 + e1, s2 + e2):
-        for key in ("loss", "reward_accuracy", "policy_accuracy", "margin", "logp_chosen", "val_loss",
-                    "val_reward_accuracy", "val_policy_accuracy", "val_logp_rejected", "pairs", "val_pairs"):
-            if key in a:
-                assert b[key] == pytest.approx(a[key], abs=1e-5), (key, a["step"])
-    assert e2[-1]["val_pairs"] == 20  # every validation pair exactly once across the two processes
-    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5
-
-
 def test_resume_after_sigkill_logs_the_same_losses(tiny_setup, tmp_path):
     args = ["train", "--model", str(tiny_setup / "model"), "--dataset", str(tiny_setup / "data"),
             "--batch_size", "4", "--epochs", "2", "--max_lr", "1e-3", "--eval_interval", "40", "--save_interval",
@@ -130,16 +85,8 @@ def test_resume_after_sigkill_logs_the_same_losses(tiny_setup, tmp_path):
     run = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "refdpo", *args, "--output_dir", str(run)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        last = run / "last"
-        if last.is_symlink() and last.resolve().name >= "step-0000012":
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO, start_new_session=True)
+    kill_at_checkpoint(proc, run, 12)
     assert not (run / "summary.json").exists()
     killed_at = json.loads((run / "last" / "trainer_state.json").read_text())
     assert 0 < killed_at["global_step"] < 64  # mid-epoch of the first of two 64-step epochs
