@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     from refdpo.config import TrainConfig
     from refdpo.data import collate_pairs
     from refdpo.layout import choose_collate
-    from refdpo.modeling import load_policy, load_tokenizer, pad_token_id
+    from refdpo.modeling import load_policy, pad_token_id
     from refdpo.runtime import tune_allocator
+    from refdpo.tokenization import load_tokenizer
     from refdpo.train import load_pairs
 
     tuned = tune_allocator()

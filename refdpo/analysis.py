@@ -29,9 +29,10 @@ from refdpo.data import PairData, build_pairs, collate_pairs, load_split, to_dev
 from refdpo.data.templates import check_template
 from refdpo.errors import ConfigError
 from refdpo.logprobs import prediction_mask, response_token_logprobs
-from refdpo.modeling import input_device, load_frozen, load_tokenizer, pad_token_id
+from refdpo.modeling import input_device, load_frozen, pad_token_id
 from refdpo.provenance import tokenizer_fingerprint
 from refdpo.tables import write_tables
+from refdpo.tokenization import load_tokenizer
 
 
 @dataclass

@@ -32,7 +32,8 @@ from refdpo.data import PairData, RawSplit, build_pairs, load_split, parse_ref_c
 from refdpo.data.pairs import reference_pairs
 from refdpo.data.schema import DEFAULT_REF_COLUMNS, POSITIVE_TOLERANCE, TRL_REF_COLUMNS
 from refdpo.data.templates import TEMPLATES, Encoded, check_template
-from refdpo.modeling import load_frozen, load_tokenizer, pad_token_id
+from refdpo.modeling import load_frozen, pad_token_id
+from refdpo.tokenization import load_tokenizer
 
 WEAK_LENGTH_CORRELATION = -0.3
 
@@ -134,7 +135,9 @@ def _diagnose(model, sub: RawSplit, data: PairData, stored: np.ndarray, tokens: 
               cfg: CheckConfig, columns: tuple[str, str], entry: dict | None) -> list[str]:
     """The likely causes of a disagreement, each verified on the sampled rows."""
     tol, pad_id, causes = cfg.tolerance, pad_token_id(tokenizer), []
-    if entry and entry.get("tokenizer_sha256") not in (None, prov.tokenizer_fingerprint(tokenizer)):
+    if entry and (drift := prov.tokenizer_drift(entry, tokenizer)):
+        causes.append(drift)
+    elif entry and entry.get("tokenizer_sha256") not in (None, prov.tokenizer_fingerprint(tokenizer)):
         causes.append("tokenizer: the provenance says the data was scored with another tokenizer "
                       f"({entry.get('tokenizer')})")
     for template in TEMPLATES:

@@ -1,7 +1,7 @@
 """Checkpoints written so that a kill at any moment loses nothing already written.
 
 Run folder:
-  checkpoints/step-0001200/   HF model (save_pretrained, safetensors) + tokenizer + config,
+  checkpoints/step-0001200/   HF model (save_pretrained, safetensors) + config + the tokenizer's own files,
                               state/ (resume.py: optimizer, scheduler, RNG, not the weights again; only in
                               `last`),
                               trainer_state.json (epoch, step, best val loss, ...)
@@ -17,6 +17,8 @@ import json
 import os
 import shutil
 from pathlib import Path
+
+from refdpo.tokenization import save_tokenizer
 
 CHECKPOINTS = "checkpoints"
 STATE = "state"
@@ -129,7 +131,7 @@ def export_model(accelerator, model, tokenizer, out: Path) -> None:
     accelerator.unwrap_model(model).save_pretrained(out, state_dict=state_dict,
                                                     is_main_process=accelerator.is_main_process)
     if accelerator.is_main_process:
-        tokenizer.save_pretrained(out)
+        save_tokenizer(tokenizer, out)
 
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, run_dir: Path, step: int,

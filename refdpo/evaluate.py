@@ -31,9 +31,10 @@ from refdpo.engine import start_processes
 from refdpo.layout import choose_collate
 from refdpo.logprobs import head_matches_model, sequence_logprobs
 from refdpo.metrics import PairStats
-from refdpo.modeling import load_frozen, load_tokenizer, pad_token_id, reset_accelerate_state
+from refdpo.modeling import load_frozen, pad_token_id, reset_accelerate_state
 from refdpo.objectives import Objective
 from refdpo.tables import markdown, write_tables
+from refdpo.tokenization import load_tokenizer
 
 
 def forward_pairs(model, batch: dict, objective: Objective, fused: bool = True) -> dict[str, torch.Tensor]:

@@ -31,10 +31,10 @@ from refdpo.modeling import (
     inference_dtype,
     input_device,
     load_frozen,
-    load_tokenizer,
     load_vllm,
     pad_token_id,
 )
+from refdpo.tokenization import load_tokenizer
 
 log = logging.getLogger(__name__)
 ALPACA_EVAL = "alpaca_eval"

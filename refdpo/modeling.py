@@ -10,20 +10,7 @@ from __future__ import annotations
 import torch
 
 from refdpo.errors import ConfigError, RefdpoError
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise RefdpoError(f"cannot load tokenizer {name!r}: {_first_line(e)}") from None
+from refdpo.tokenization import first_line
 
 
 def pad_token_id(tokenizer) -> int:
@@ -55,7 +42,7 @@ def _from_pretrained(spec, dtype: torch.dtype, attn: str, **kwargs) -> torch.nn.
                                                     attn_implementation=attn,
                                                     trust_remote_code=spec.trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
-        raise RefdpoError(f"cannot load model {spec.model!r}: {_first_line(e)}") from None
+        raise RefdpoError(f"cannot load model {spec.model!r}: {first_line(e)}") from None
 
 
 def load_policy(cfg, device: torch.device) -> torch.nn.Module:

@@ -24,6 +24,7 @@ from refdpo.checkpoint import atomic_write_json
 from refdpo.data.loading import sidecar_path  # noqa: F401  (re-exported: where sidecars live)
 from refdpo.data.templates import prior_conversation, render, tokenize_rendered
 from refdpo.errors import ConfigError
+from refdpo.tokenization import PROBE
 
 log = logging.getLogger(__name__)
 _PROBE = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Say hi, then stop."},
@@ -89,12 +90,50 @@ def records_fingerprint(records: list[dict], fields: tuple[str, ...] | None = No
     return digest.hexdigest()
 
 
+def tokenizer_files_fingerprint(tokenizer) -> str:
+    """sha256 of what defines the tokenizer: the files it was loaded from (tokenization.load_tokenizer), else
+    its whole pipeline (vocabulary, merges, normaliser); with its special tokens and chat template."""
+    files = getattr(tokenizer, "refdpo_files", None)
+    digest = hashlib.sha256()
+    if files:
+        for name in sorted(files):
+            digest.update(name.encode() + b"\0" + Path(files[name]).read_bytes())
+    else:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        digest.update((backend.to_str() if backend is not None else
+                       json.dumps(sorted(tokenizer.get_vocab().items()))).encode())
+    digest.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token,
+                              getattr(tokenizer, "chat_template", None)]).encode())
+    return digest.hexdigest()
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of the whole tokenizer (vocabulary, merges, normaliser), its special tokens and chat template."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    extra = json.dumps([tokenizer.bos_token, tokenizer.eos_token, getattr(tokenizer, "chat_template", None)])
-    return hashlib.sha256((body + extra).encode()).hexdigest()
+    """sha256 of the files' fingerprint and of the token ids of tokenization.PROBE (special tokens followed by
+    spaces, whitespace runs, ...): the same files tokenised otherwise here (another transformers or tokenizers
+    version) give another fingerprint."""
+    ids = [tokenizer(text)["input_ids"] for text in PROBE]
+    return hashlib.sha256((tokenizer_files_fingerprint(tokenizer) + json.dumps(ids)).encode()).hexdigest()
+
+
+def tokenizer_versions() -> dict:
+    """The libraries that turn the files into tokens, for a provenance entry."""
+    import tokenizers
+    import transformers
+
+    return {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+
+
+def tokenizer_drift(entry: dict, tokenizer) -> str | None:
+    """The warning for data scored with the same tokenizer files that tokenise differently here, or None."""
+    if entry.get("tokenizer_sha256") in (None, tokenizer_fingerprint(tokenizer)):
+        return None
+    if entry.get("tokenizer_files_sha256") != tokenizer_files_fingerprint(tokenizer):
+        return None  # another tokenizer altogether: said elsewhere
+    then = entry.get("tokenizer_versions") or {}
+    now = tokenizer_versions()
+    return ("tokenizer: the same files tokenise differently here (scored with transformers "
+            f"{then.get('transformers', '?')}, tokenizers {then.get('tokenizers', '?')}; now {now['transformers']}, "
+            f"{now['tokenizers']}): the stored log-probs cover other tokens than training would use")
 
 
 def template_fingerprint(template: str, tokenizer, prior_prefix: str | None = None) -> str:
@@ -144,6 +183,8 @@ def training_report(entry: dict, *, model: str, revision: str | None, tokenizer,
             warnings.append(f"the reference was scored with {model!r}, whose weights have changed since "
                             "(their fingerprint differs)")
     same_tokenizer = entry.get("tokenizer_sha256") == tokenizer_fingerprint(tokenizer)
+    if drift := tokenizer_drift(entry, tokenizer):
+        warnings.append(drift)
     if same or same_tokenizer:  # template and max_len are comparable only with the same tokenizer
         scored = entry.get("template")
         if entry.get("mode") != "prior" and scored != template:

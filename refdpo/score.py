@@ -64,11 +64,11 @@ from refdpo.modeling import (
     inference_dtype,
     input_device,
     load_frozen,
-    load_tokenizer,
     load_vllm,
     mask_dtype,
     pad_token_id,
 )
+from refdpo.tokenization import load_tokenizer
 
 log = logging.getLogger(__name__)
 MODES = ("conditional", "prior")
@@ -353,6 +353,8 @@ def _provenance_entry(cfg: ScoreConfig, model, tokenizer, rendered: str, raw: Ra
         "revision": cfg.revision, "commit": getattr(getattr(model, "config", None), "_commit_hash", None),
         "weights_sha256": weights, "dtype": dtype, "backend": cfg.backend, "device_map": cfg.device_map,
         "tokenizer": cfg.tokenizer or cfg.model, "tokenizer_sha256": prov.tokenizer_fingerprint(tokenizer),
+        "tokenizer_files_sha256": prov.tokenizer_files_fingerprint(tokenizer),
+        "tokenizer_versions": prov.tokenizer_versions(),
         "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
         "template": cfg.template, "insert_eos": cfg.template == "zephyr",
         "template_sha256": prov.template_fingerprint(rendered, tokenizer, cfg.prior_prefix if prior else None),

@@ -47,8 +47,9 @@ from refdpo.evaluate import evaluate_pairs, forward_pairs
 from refdpo.layout import choose_collate
 from refdpo.logprobs import head_matches_model
 from refdpo.metrics import MetricsLog, PairStats
-from refdpo.modeling import load_policy, load_tokenizer, pad_token_id, reset_accelerate_state
+from refdpo.modeling import load_policy, pad_token_id, reset_accelerate_state
 from refdpo.resume import load_state
+from refdpo.tokenization import check_reload, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,12 @@ def _lock_run_dir(run_dir: Path, accelerator, if_exists: bool = False, held=None
     if problem[0]:
         raise ConfigError(problem[0])
     return lock
+
+
+def _sample_texts(data: PairData, tokenizer, n: int = 16) -> list[str]:
+    """Training sequences as text (decoded as tokenised: special tokens, whitespace and all)."""
+    seqs = data.chosen[:n] + data.rejected[:n]
+    return [tokenizer.decode(s.input_ids.tolist()) for s in seqs]
 
 
 def _peak_memory_gb(device: torch.device) -> float:
@@ -269,7 +276,7 @@ def train(cfg: TrainConfig, data_cache: dict | None = None) -> dict:
     save_every = cfg.save_interval or cfg.eval_interval
     bar = tqdm(total=total_steps, initial=state["global_step"], desc="train", dynamic_ncols=True,
                disable=not (cfg.progress and accelerator.is_main_process))
-    window_start = time.perf_counter()
+    window_start, reload_checked = time.perf_counter(), False
     for epoch in range(state["epoch"], cfg.epochs):
         for step in range(state["step_in_epoch"], sampler.steps_per_epoch):  # > 0 only when resuming
             micro_batches, valid = sampler.step(epoch, step)
@@ -299,8 +306,11 @@ def train(cfg: TrainConfig, data_cache: dict | None = None) -> dict:
             due_eval = val_data is not None and (global_step % cfg.eval_interval == 0 or end_of_epoch)
             if due_eval or global_step % save_every == 0 or global_step == total_steps:
                 is_best = run_eval(progress) if due_eval else False
-                ckpt.save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, run_dir, global_step, state,
-                                     is_best)
+                saved = ckpt.save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, run_dir,
+                                             global_step, state, is_best)
+                if not reload_checked:  # a checkpoint must tokenise as training did (tokenization.py)
+                    check_reload(tokenizer, saved, _sample_texts(train_data, tokenizer))
+                    reload_checked = True
                 window_start = time.perf_counter()  # evaluation and saving are not training throughput
     bar.close()
     accelerator.end_training()

@@ -11,7 +11,8 @@ from helpers import run_cli
 
 from refdpo.analysis import analyze_tokens, write_analysis
 from refdpo.data import build_pairs, load_split
-from refdpo.modeling import load_tokenizer, pad_token_id
+from refdpo.modeling import pad_token_id
+from refdpo.tokenization import load_tokenizer
 
 
 def _models(setup, dtype=torch.float32):

@@ -12,8 +12,9 @@ from helpers import run_cli, train_config
 
 from refdpo.data import build_pairs, load_split
 from refdpo.evaluate import EvalConfig, evaluate
-from refdpo.modeling import load_tokenizer, pad_token_id
+from refdpo.modeling import pad_token_id
 from refdpo.score import score_data
+from refdpo.tokenization import load_tokenizer
 from refdpo.train import train
 
 

@@ -10,7 +10,7 @@ from helpers import run_cli
 
 from refdpo.errors import DataError
 from refdpo.generate import GenerateConfig, generate, load_prompts, repeated_ngram_share
-from refdpo.modeling import load_tokenizer
+from refdpo.tokenization import load_tokenizer
 
 PROMPTS = ["Why do people like bees?", "Name a blue fruit.", "Say hi.", "Tell me about a clever whale.",
            "What is a tall tree?"]

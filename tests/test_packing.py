@@ -14,7 +14,7 @@ import torch
 from refdpo.data import build_pairs, collate_packed, collate_pairs, load_split
 from refdpo.data.collate import pack_rows
 from refdpo.logprobs import reference_logprobs_float64, sequence_logprobs
-from refdpo.modeling import load_tokenizer
+from refdpo.tokenization import load_tokenizer
 
 F64_TOL = 1e-5  # nats per sequence (see above)
 GRAD_REL_TOL = 1e-5  # of the largest gradient entry

@@ -31,8 +31,8 @@ from refdpo.data.loading import sidecar_path
 from refdpo.data.templates import Encoded
 from refdpo.data.writing import output_format
 from refdpo.errors import ConfigError, DataError, DataErrors, RefdpoError
-from refdpo.modeling import load_tokenizer, pad_token_id
 from refdpo.modeling import mask_dtype as modeling_mask_dtype
+from refdpo.modeling import pad_token_id
 from refdpo.score import (
     ScoreConfig,
     decide_layout,
@@ -42,6 +42,7 @@ from refdpo.score import (
     score_data,
 )
 from refdpo.shards import merge_blocks
+from refdpo.tokenization import load_tokenizer
 
 KEY = "chosen_logprob,rejected_logprob"
 COLUMNS = ("chosen_logprob", "rejected_logprob")

@@ -33,6 +33,7 @@ from refdpo.config import check_all, option
 from refdpo.errors import ConfigError
 from refdpo.testbed import task
 from refdpo.testbed.models import TEMPLATE
+from refdpo.tokenization import save_tokenizer
 
 log = logging.getLogger(__name__)
 MAX_LEN = 128  # tokens: prompt + reply + EOS, with the incompatible tokenizer's two pieces per word
@@ -157,7 +158,7 @@ def _save(model, tokenizer, folder: Path) -> None:
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    save_tokenizer(tokenizer, tmp)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 

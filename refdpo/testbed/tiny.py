@@ -133,6 +133,7 @@ def build_tiny(out: str | Path, train_pairs: int = 1024, val_pairs: int = 256, s
     model as its own reference with `refdpo score` (so with provenance). `tiny.json`, written last, marks the
     folder complete; an incomplete one is rebuilt."""
     from refdpo.score import ScoreConfig, score
+    from refdpo.tokenization import save_tokenizer
 
     out = Path(out)
     if (out / "tiny.json").exists() and not force:
@@ -145,7 +146,7 @@ def build_tiny(out: str | Path, train_pairs: int = 1024, val_pairs: int = 256, s
     tokenizer = train_tokenizer(corpus(splits["train"]))
     model = tiny_llama(tokenizer, seed=seed, **(model_size or {}))
     model.save_pretrained(tmp / "model")
-    tokenizer.save_pretrained(tmp / "model")
+    save_tokenizer(tokenizer, tmp / "model")
     for name, records in splits.items():
         _write_jsonl(tmp / "raw" / f"{name}.jsonl", records)
     if out.exists():
