@@ -1,7 +1,7 @@
 """Evaluation pass time by batch layout: padded rows vs packed rows (each prompt computed once), pairs in file
 order vs batches of similar length (refdpo's defaults: packed, by length).
 
-What is timed: `refdpo.evaluate.evaluate_pairs` over every pair of a split, batches of `--batch` pairs, one
+What is timed: `refdpo.core.forward.evaluate_pairs` over every pair of a split, batches of `--batch` pairs, one
 process, float32, no gradients, `--threads` torch threads, denormals flushed, allocator tuned as the `refdpo`
 entry point does. The four variants alternate, `--rounds` times; medians. All four must give the same
 validation loss (within 1e-5): the JSON records each.
@@ -46,15 +46,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from accelerate import Accelerator
 
-    import refdpo.evaluate as ev
-    from refdpo.checkpoint import atomic_write_json
-    from refdpo.config import TrainConfig
+    import refdpo.core.forward as ev
+    from refdpo.allocator import tune_allocator
+    from refdpo.commands.train import TrainConfig, load_pairs
+    from refdpo.core.verify import choose_collate
     from refdpo.data import collate_pairs
-    from refdpo.layout import choose_collate
+    from refdpo.io import atomic_write_json
     from refdpo.modeling import load_policy, pad_token_id
-    from refdpo.runtime import tune_allocator
     from refdpo.tokenization import load_tokenizer
-    from refdpo.train import load_pairs
 
     tuned = tune_allocator()
     torch.set_num_threads(args.threads)

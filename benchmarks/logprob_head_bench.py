@@ -4,8 +4,8 @@ What is measured: the peak memory and the time of one forward + backward of the 
 through the LM head, for M = T response positions (batch 1) of hidden size d (`--hidden`, default 1024) and a
 vocabulary of V rows, in float32, by two implementations on the same seeded inputs:
 
-  refdpo  `refdpo.logprobs.chunked_target_logprobs(hidden, weight, targets, chunk_elements=...)`: logits in
-          tiles of [rows, vocabulary columns] (`refdpo.logprobs.tile_shape`: 2 MiB on CPU, 64 MiB on GPU, unless
+  refdpo  `refdpo.core.lm_head.chunked_target_logprobs(hidden, weight, targets, chunk_elements=...)`: logits in
+          tiles of [rows, vocabulary columns] (`refdpo.core.lm_head.tile_shape`: 2 MiB on CPU, 64 MiB on GPU, unless
           `--chunk-elements`), float32 log-sum-exp, each tile's logits recomputed in backward.
   full    `logits = hidden @ weight.T` ([M, V] float32), then
           `torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)`; `logits` goes out of scope
@@ -16,7 +16,7 @@ For both, loss = sum of the token log-probs and `loss.backward()` sends gradient
 (a real head's scale), targets uniform over the vocabulary, all from `--seed`.
 
 How: every (method, V, T) runs in a fresh subprocess of this script (`--worker`), so that its peak RSS is its
-own. The worker calls `refdpo.runtime.tune_allocator()` (what the `refdpo` entry point does in every process;
+own. The worker calls `refdpo.allocator.tune_allocator()` (what the `refdpo` entry point does in every process;
 applied to both methods, and whether it took effect is recorded), `torch.set_flush_denormal(True)` and, with
 `--threads`, `torch.set_num_threads`. It builds the inputs, runs one untimed warm-up forward + backward and sets the gradients to None (as training loops do with
 `zero_grad(set_to_none=True)`: each pass creates them). On CPU it then hands the memory the
@@ -122,7 +122,7 @@ def full_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
 
 def refdpo_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                     chunk_elements: int | None = None, tile: tuple[int, int] | None = None) -> torch.Tensor:
-    from refdpo.logprobs import chunked_target_logprobs
+    from refdpo.core.lm_head import chunked_target_logprobs
 
     return chunked_target_logprobs(hidden, weight, targets, chunk_elements=chunk_elements, tile=tile)
 
@@ -139,7 +139,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _setup_worker(spec: dict) -> tuple[bool, torch.device]:
-    from refdpo.runtime import tune_allocator
+    from refdpo.allocator import tune_allocator
 
     tuned = tune_allocator()  # before any tensor exists, as the refdpo entry point does
     torch.set_flush_denormal(True)
@@ -150,7 +150,7 @@ def _setup_worker(spec: dict) -> tuple[bool, torch.device]:
 
 def measure(spec: dict) -> dict:
     """One (method, V, T): peak memory and per-pass times of --reps forward + backward passes."""
-    import refdpo.logprobs as lp
+    import refdpo.core.lm_head as lp
 
     tuned, device = _setup_worker(spec)
     vocab, tokens, chunk_elements = spec["vocab"], spec["tokens"], spec["chunk_elements"]
@@ -294,7 +294,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads in every worker (default: torch's)")
     p.add_argument("--chunk-elements", type=int, default=None,
-                   help="refdpo's logits per tile (default: refdpo.logprobs.tile_shape's, 2^19 on CPU, 2^24 on GPU)")
+                   help="refdpo's logits per tile (default: refdpo.core.lm_head.tile_shape's, 2^19 on CPU, 2^24 on GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "logprob_head_bench.json")
     args = p.parse_args(argv)
@@ -395,7 +395,7 @@ def write_json(path: Path, data: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     base = {"hidden": args.hidden, "device": args.device, "threads": args.threads, "seed": args.seed}
-    from refdpo.logprobs import tile_shape
+    from refdpo.core.lm_head import tile_shape
 
     chunk_elements = args.chunk_elements
     print("refdpo tiles [rows, columns]: " + ", ".join(

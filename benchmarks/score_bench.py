@@ -4,7 +4,7 @@ What is measured: the tokens/s of computing, for every preference pair, the summ
 of the rejected response under a reference model (the `chosen_logprob`/`rejected_logprob` a RefDPO dataset
 stores), by three tools in the same process, on the same model weights and the same pairs:
 
-  refdpo  `refdpo.score.score_data(model, data, pad_id, share_prompt=True, fused=True)` (batch sizes: its own
+  refdpo  `refdpo.commands.score.score_data(model, data, pad_id, share_prompt=True, fused=True)` (batch sizes: its own
           defaults, or --batch-tokens/--max-batch-pairs) on the `PairData` from
           `refdpo.data.build_pairs(..., "tulu", ...)`;
           the timed call includes whatever checks score_data itself runs (a user pays for them too).
@@ -156,7 +156,7 @@ Scorer = Callable[[], tuple[np.ndarray, np.ndarray]]
 def load_score_data() -> tuple[Callable | None, str]:
     """refdpo's batched scorer, or None and why (it is being written; an import may fail mid-edit)."""
     try:
-        from refdpo.score import score_data
+        from refdpo.commands.score import score_data
     except Exception as e:  # ImportError, or a half-edited module's SyntaxError/NameError
         return None, f"{type(e).__name__}: {e}"
     return score_data, ""
@@ -290,12 +290,12 @@ def refdpo_diagnostics(model: torch.nn.Module, data: PairData, pad_id: int, kwar
     """Where refdpo's time can go, from its own helpers (untimed; internals may change, so guarded): the
     per-call layout check and the positions its batches compute (padding included) against the real tokens."""
     try:
-        from refdpo.score import decide_layout, plan_batches, score_data
+        from refdpo.commands.score import decide_layout, plan_batches, score_data
 
         defaults = {k: p.default for k, p in inspect.signature(score_data).parameters.items()}
         batch_tokens = kwargs.get("batch_tokens") or defaults.get("batch_tokens")
         if not batch_tokens:  # 0: chosen per device
-            from refdpo.score import default_batch_tokens
+            from refdpo.commands.score import default_batch_tokens
 
             batch_tokens = default_batch_tokens(next(model.parameters()).device)
         max_pairs = kwargs.get("max_batch_pairs") or defaults.get("max_batch_pairs")
@@ -414,7 +414,7 @@ def build_scorers(args: argparse.Namespace, setup: Setup, workdir: Path,
         score_data, why = load_score_data()
         if score_data is None:
             for tool in variants:
-                skipped[tool] = f"refdpo.score.score_data is not available ({why})"
+                skipped[tool] = f"refdpo.commands.score.score_data is not available ({why})"
         for tool in variants if score_data is not None else []:
             # Batch sizes: score_data's own defaults unless given, as a user would call it.
             sizes = dict(batch_tokens=args.batch_tokens, max_batch_pairs=args.max_batch_pairs)

@@ -4,13 +4,13 @@ What is measured: the tokens/s of one optimizer step of DPO (batch of 8 pairs, n
 random-init model, the same pairs in the same order, the same reference log-probs and the same allocator
 settings, by three tools, each run in a fresh subprocess:
 
-  refdpo  `refdpo.train.train(TrainConfig(...))` on a dataset that stores the reference log-probs (scored
-          beforehand with `refdpo.score.score`, untimed): template tulu, batch_size 8, accumulate_step 1,
+  refdpo  `refdpo.commands.train.train(TrainConfig(...))` on a dataset that stores the reference log-probs (scored
+          beforehand with `refdpo.commands.score.score`, untimed): template tulu, batch_size 8, accumulate_step 1,
           float32 (GPU: mixed_precision bf16), no gradient checkpointing, no validation split, report_freq 1,
           one checkpoint at the end, its defaults otherwise (packing on). Per-step time and tokens come from
           the run's metrics.jsonl (`tokens` / `tokens_per_s`: train.py times from the end of the previous
           report to this one, so one record = sampling + collate + forward + backward + clip + AdamW +
-          scheduler + the metrics reduction). `refdpo.train._train_step` is wrapped (it still runs unchanged)
+          scheduler + the metrics reduction). `refdpo.commands.train._train_step` is wrapped (it still runs unchanged)
           only to see which pairs each step gets, to reset the peak-RSS counter at the first measured step and
           read it after the last one (before the final checkpoint is written), and to time the call itself
           (reported as a cross-check).
@@ -45,7 +45,7 @@ during the measured steps is recorded, and a run above --max-other-load is redon
 attempts kept in the JSON.
 
 Allocators (--allocators): `default`: each tool as it ships: refdpo's subprocess calls
-`refdpo.runtime.tune_allocator()` first, as the refdpo entry point does (glibc mallopt settings), TRL and the
+`refdpo.allocator.tune_allocator()` first, as the refdpo entry point does (glibc mallopt settings), TRL and the
 floor run with glibc's defaults. `tuned`: every subprocess gets the same allocator, LD_PRELOAD of tcmalloc when
 /usr/lib/x86_64-linux-gnu/libtcmalloc*.so* exists, else MALLOC_MMAP_THRESHOLD_=33554432
 MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_TOP_PAD_=67108864 (--tuned-allocator picks; tune_allocator() sees
@@ -118,7 +118,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 TUNE_FLAG = "--child-tune-allocator"
 if TUNE_FLAG in sys.argv:  # a refdpo subprocess: what the refdpo entry point does first, before torch exists
-    from refdpo.runtime import tune_allocator
+    from refdpo.allocator import tune_allocator
 
     _TUNE_APPLIED: bool | None = tune_allocator()
 else:
@@ -332,10 +332,10 @@ def build_setup(size: str, args: argparse.Namespace, root: Path, device: torch.d
                 texts: dict) -> dict:
     """Tokenizer, random-init Llama, pairs scored by that model as reference (untimed), TRL's text rows and
     the step order, under root/size. `texts` caches (tokenizer, records) per tokenizer size across sizes."""
+    from refdpo.commands.score import ScoreConfig, score
     from refdpo.data import PairSampler
     from refdpo.data.templates import render
     from refdpo.modeling import pad_token_id
-    from refdpo.score import ScoreConfig, score
     from refdpo.testbed.tiny import tiny_llama, train_tokenizer
 
     spec = SIZES[size]
@@ -396,10 +396,10 @@ def build_setup(size: str, args: argparse.Namespace, root: Path, device: torch.d
 
 def numerics_check(setup: dict, args: argparse.Namespace, device: torch.device) -> dict:
     """refdpo's forward_pairs (padded and packed) vs the floor on the first step's batch, float32 weights."""
+    from refdpo.core.forward import forward_pairs
+    from refdpo.core.objectives import Objective
+    from refdpo.core.verify import head_matches_model
     from refdpo.data import collate_packed, collate_pairs, to_device
-    from refdpo.evaluate import forward_pairs
-    from refdpo.logprobs import head_matches_model
-    from refdpo.objectives import Objective
 
     data, pad_id = setup["data"], setup["pad_id"]
     model = load_model(Path(setup["dir"]) / "model", args.attn, device)
@@ -464,8 +464,8 @@ def _step_records(steps: list[dict], warmup: int) -> list[dict]:
 
 
 def child_refdpo(spec: dict, device: torch.device) -> dict:
-    import refdpo.train as rt
-    from refdpo.config import TrainConfig
+    import refdpo.commands.train as rt
+    from refdpo.commands.train import TrainConfig
 
     setup = Path(spec["setup_dir"])
     plan = json.loads((setup / "plan.json").read_text())

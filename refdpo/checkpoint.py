@@ -1,55 +1,41 @@
-"""Checkpoints written so that a kill at any moment loses nothing already written.
+"""Checkpoints: what they hold, written so that a kill at any moment loses nothing, and read back to resume.
 
 Run folder:
   checkpoints/step-0001200/   HF model (save_pretrained, safetensors) + config + the tokenizer's own files,
-                              state/ (resume.py: optimizer, scheduler, RNG, not the weights again; only in
-                              `last`),
+                              state/ (the resumable state: optimizer, scheduler, RNG, not the weights again;
+                              only in `last`; under DeepSpeed its own checkpoint),
                               trainer_state.json (epoch, step, best val loss, ...)
   last -> checkpoints/step-…  the newest resumable checkpoint
   best -> checkpoints/step-…  lowest validation loss so far
 A checkpoint is built in a hidden temporary folder and renamed into place when complete; `last` and `best` are
 symlinks swapped with an atomic rename. Older checkpoints are removed only after the links point elsewhere.
+
+The resumable state is written with accelerate's own helpers: the optimizer (sharded under FSDP), the learning-
+rate schedule and every process's random-number generators. Under DeepSpeed `state/` is DeepSpeed's checkpoint,
+whose float32 master weights are optimizer state; for ZeRO-1/2 the module's copy of the weights is dropped from
+it (the optimizer's master copy restores them). Resuming loads the export into the model (broadcast from the
+main process under FSDP2), then the state.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
+import torch
+
+from refdpo.errors import ConfigError
+from refdpo.io import atomic_write_bytes, atomic_write_json
 from refdpo.tokenization import save_tokenizer
 
+log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 STATE = "state"
 TRAINER_STATE = "trainer_state.json"
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temporary file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """`atomic_write_text` for bytes."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | Path, obj: object) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 _LOCKS: dict[Path, object] = {}  # this process's open locks: a run that failed in-process (a sweep) and is
@@ -79,6 +65,51 @@ def lock_run_dir(run_dir: Path):
     handle.flush()
     _LOCKS[run_dir.resolve()] = handle
     return handle, None
+
+
+def run_folder(output_dir: str) -> Path:
+    """`output_dir`, or runs/<date-time> chosen by the main process and shared with the others."""
+    from datetime import datetime
+
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    name = [output_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}"]
+    if PartialState().num_processes > 1:
+        broadcast_object_list(name)
+    return Path(name[0])
+
+
+def claim_run_folder(run_dir: Path, accelerator, if_exists: bool = False, held=None):
+    """The main process's lock on the run folder (`lock_run_dir`; `held`: the one it took already). Every
+    process calls this, and all refuse together when another run holds it. `if_exists`: lock only a folder that
+    exists already (None otherwise), so that a run refused later for its data creates nothing."""
+    from accelerate.utils import broadcast_object_list
+
+    lock, problem = held, [None]
+    if accelerator.is_main_process and held is None and not (if_exists and not run_dir.exists()):
+        lock, holder = lock_run_dir(run_dir)
+        if lock is None:
+            problem[0] = (f"{run_dir} is being written by another run (pid {holder}): two runs would overwrite "
+                          "each other's checkpoints; wait for it to end, or pick another --output_dir")
+    if accelerator.num_processes > 1:
+        broadcast_object_list(problem)
+    if problem[0]:
+        raise ConfigError(problem[0])
+    return lock
+
+
+def resume_point(run_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from (`resume`), or None; refuse to write into a folder holding another run."""
+    found = latest_resumable(run_dir) if run_dir.exists() else None
+    if resume:
+        if found is None:
+            log.warning("--resume: %s has no complete checkpoint yet; starting from step 0", run_dir)
+        return found
+    if found is not None or (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(f"{run_dir} already holds a run: continue it with --resume, or pick another "
+                          "--output_dir")
+    return None
 
 
 def _point(run_dir: Path, name: str, target: Path) -> None:
@@ -138,7 +169,6 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, run_dir
                     trainer_state: dict, is_best: bool) -> Path:
     """Save a resumable checkpoint for `step` (the export, and the state of resume.py beside it), point `last`
     (and `best`) at it, prune the rest. Collective."""
-    from refdpo.resume import save_state
 
     final = run_dir / CHECKPOINTS / f"step-{step:07d}"
     tmp = run_dir / CHECKPOINTS / f".tmp-step-{step:07d}"
@@ -199,3 +229,99 @@ def model_path(path: str) -> str:
     """A run folder (with best/last links) stands for its best checkpoint; anything else is loaded as given."""
     best = resolve(Path(path), "best") if (Path(path) / CHECKPOINTS).is_dir() else None
     return str(best) if best else path
+
+
+# --- the resumable state beside the export --------------------------------------------------------------
+
+DEEPSPEED_TAG = "pytorch_model"  # accelerate's folder name for DeepSpeed's checkpoint, kept for old runs
+
+
+def save_state(accelerator, model, optimizer, scheduler, folder: Path) -> None:
+    """Everything needed to resume but the weights (the export, one folder up). Collective."""
+    from accelerate.checkpointing import save_accelerator_state
+    from accelerate.utils import save_fsdp_optimizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    engine, optimizers = accelerator.distributed_type.value, []
+    if engine == "DEEPSPEED":
+        model.save_checkpoint(str(folder), DEEPSPEED_TAG)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process and accelerator.state.deepspeed_plugin.zero_stage < 3:
+            _drop_module_weights(folder / DEEPSPEED_TAG / "mp_rank_00_model_states.pt")
+    elif engine == "FSDP":
+        save_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, str(folder))
+    else:
+        optimizers = [optimizer]
+    save_accelerator_state(str(folder), [], optimizers, [scheduler], [], accelerator.process_index,
+                           accelerator.step, accelerator.scaler)
+
+
+def _drop_module_weights(path: Path) -> None:
+    """ZeRO-1/2 store the module's weights beside the optimizer's float32 master copy: keep only the master."""
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint["module"] = {}
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_state(accelerator, model, optimizer, scheduler, checkpoint: Path) -> None:
+    """Restore the weights (the export, or DeepSpeed's own checkpoint) and the state saved by `save_state`."""
+    from accelerate.checkpointing import load_accelerator_state
+    from accelerate.utils import load_fsdp_optimizer
+
+    folder = checkpoint / "state"
+    engine, optimizers = accelerator.distributed_type.value, []
+    if engine == "DEEPSPEED":
+        # ZeRO-1/2's module copy was dropped at save: the master weights restore the parameters.
+        model.load_checkpoint(str(folder), DEEPSPEED_TAG, load_module_strict=False,
+                              custom_load_fn=lambda src, dst: None)
+    else:
+        load_weights(accelerator, model, checkpoint)
+        if engine == "FSDP":
+            load_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, str(folder))
+        else:
+            optimizers = [optimizer]
+    load_accelerator_state(str(folder), [], optimizers, [scheduler], [], accelerator.process_index,
+                           accelerator.scaler, map_location="cpu" if accelerator.device.type == "cpu" else None)
+
+
+def read_export(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a `save_pretrained` folder (one file or an index of shards)."""
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+        else ["model.safetensors"]
+    weights: dict[str, torch.Tensor] = {}
+    for name in files:
+        weights.update(load_file(folder / name))
+    return weights
+
+
+def load_weights(accelerator, model, checkpoint: Path) -> None:
+    """Load the checkpoint's exported weights into the (prepared) model: in place under DDP, broadcast from the
+    main process and sharded under FSDP2. Only a tied output head may be absent from the export."""
+    base = accelerator.unwrap_model(model)
+    if hasattr(base, "peft_config"):
+        if accelerator.distributed_type.value == "FSDP":
+            raise ConfigError("resuming a LoRA run under FSDP is not supported: resume it with DDP or DeepSpeed")
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(base, load_file(checkpoint / "adapter_model.safetensors"))
+        return
+    weights = read_export(checkpoint) if accelerator.is_main_process or accelerator.distributed_type.value != \
+        "FSDP" else {}
+    expected = set(base.state_dict())
+    if weights and (missing := expected - set(weights) - {tied_head_key(base)}):
+        raise ConfigError(f"{checkpoint}: the exported model lacks {len(missing)} weight(s), e.g. "
+                          f"{sorted(missing)[0]}: it cannot resume this run")
+    if accelerator.distributed_type.value == "FSDP":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True,
+                                                                      broadcast_from_rank0=True, strict=False))
+    else:
+        base.load_state_dict(weights, strict=False)

@@ -16,7 +16,7 @@ Errors caused by input (config, data, paths) are printed as one line per problem
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -47,8 +47,7 @@ def _setup_logging() -> None:
 
 
 def _train(argv: list[str]) -> int:
-    from refdpo.config import parse_train_args
-    from refdpo.train import train
+    from refdpo.commands.train import parse_train_args, train
 
     summary = train(parse_train_args(argv))
     if _is_main_process():
@@ -60,8 +59,8 @@ def _train(argv: list[str]) -> int:
 
 
 def _score(argv: list[str]) -> int:
+    from refdpo.commands.score import ScoreConfig, score
     from refdpo.config import parse_args
-    from refdpo.score import ScoreConfig, score
 
     cfg = parse_args(ScoreConfig, argv, "refdpo score", "Compute a reference's summed log-probs of every "
                      "chosen and rejected response, written as two columns next to the original fields.")
@@ -75,7 +74,7 @@ def _score(argv: list[str]) -> int:
 
 
 def _check(argv: list[str]) -> int:
-    from refdpo.check import CheckConfig, check, format_report
+    from refdpo.commands.check import CheckConfig, check, format_report
     from refdpo.config import parse_args
 
     cfg = parse_args(CheckConfig, argv, "refdpo check", "Check the reference log-probs stored in a dataset: "
@@ -86,8 +85,8 @@ def _check(argv: list[str]) -> int:
 
 
 def _evaluate(argv: list[str]) -> int:
+    from refdpo.commands.evaluate import EvalConfig, evaluate, format_table
     from refdpo.config import parse_args
-    from refdpo.evaluate import EvalConfig, evaluate, format_table
 
     cfg = parse_args(EvalConfig, argv, "refdpo evaluate", "Validation DPO loss, reward and policy accuracy (ties "
                      "count 0.5), margins, log-probs and lengths of one or more checkpoints, as one table.",
@@ -99,8 +98,8 @@ def _evaluate(argv: list[str]) -> int:
 
 
 def _generate(argv: list[str]) -> int:
+    from refdpo.commands.generate import GenerateConfig, generate, summary_line
     from refdpo.config import parse_args
-    from refdpo.generate import GenerateConfig, generate, summary_line
 
     cfg = parse_args(GenerateConfig, argv, "refdpo generate", "Answer AlpacaEval's prompts (or a file's) in the "
                      "training template, greedy by default; AlpacaEval JSON plus length and degeneration counts.")
@@ -110,8 +109,8 @@ def _generate(argv: list[str]) -> int:
 
 
 def _judge(argv: list[str]) -> int:
+    from refdpo.commands.judge import JudgeConfig, judge
     from refdpo.config import parse_args
-    from refdpo.judge import JudgeConfig, judge
     from refdpo.tables import markdown
 
     files = []  # `refdpo judge a.json b.json --out DIR`: leading paths are the outputs to judge
@@ -125,7 +124,7 @@ def _judge(argv: list[str]) -> int:
 
 
 def _analyze(argv: list[str]) -> int:
-    from refdpo.analysis import AnalyzeConfig, analyze
+    from refdpo.commands.analyze import AnalyzeConfig, analyze
     from refdpo.config import parse_args
     from refdpo.errors import ConfigError
 
@@ -147,17 +146,14 @@ def _analyze(argv: list[str]) -> int:
 
 
 def _sweep(argv: list[str]) -> int:
-    from refdpo.sweep import dry_run, load_grid, sweep
+    from refdpo.commands.sweep import SweepConfig, dry_run, load_grid, sweep
+    from refdpo.config import parse_args
     from refdpo.tables import markdown
 
-    parser = argparse.ArgumentParser(prog="refdpo sweep", description="Train every point of a grid (beta x "
-                                     "objective x reference ...), evaluate each best checkpoint, one table.")
-    parser.add_argument("--grid", required=True, help="grid YAML (see configs/sweeps/)")
-    parser.add_argument("--dry-run", "--dry_run", action="store_true",
-                        help="print one `accelerate launch` command per run instead of running")
-    args = parser.parse_args(argv)
-    spec = load_grid(args.grid)
-    if args.dry_run:
+    cfg = parse_args(SweepConfig, argv, "refdpo sweep", "Train every point of a grid (beta x objective x "
+                     "reference ...), evaluate each best checkpoint, one table.")
+    spec = load_grid(cfg.grid)
+    if cfg.dry_run:
         print("\n".join(dry_run(spec)))
         return 0
     print(markdown(sweep(spec)))
@@ -165,31 +161,14 @@ def _sweep(argv: list[str]) -> int:
 
 
 def _tiny(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="refdpo tiny", description="Build a tiny offline setup: a "
-                                     "tokenizer and random-init Llama (OUT/model) and synthetic pairs in the "
-                                     "RefDPO schema scored by that model as its own reference (OUT/data).")
-    parser.add_argument("--out", required=True, help="folder to create")
-    parser.add_argument("--train_pairs", type=int, default=1024)
-    parser.add_argument("--val_pairs", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--template", default="tulu", choices=("tulu", "zephyr", "model"))
-    parser.add_argument("--max_len", type=int, default=512)
-    parser.add_argument("--force", action="store_true", help="rebuild even if OUT is complete")
-    size = parser.add_argument_group("model size (defaults: ~0.1M parameters; --hidden 1024 --layers 24 "
-                                     "--heads 16 --kv_heads 8 --intermediate 5504 --vocab_size 32000: ~0.5B)")
-    size.add_argument("--hidden", type=int, default=64)
-    size.add_argument("--layers", type=int, default=2)
-    size.add_argument("--heads", type=int, default=4)
-    size.add_argument("--kv_heads", type=int, default=2)
-    size.add_argument("--intermediate", type=int, default=0, help="MLP width (0: 2 x hidden)")
-    size.add_argument("--vocab_size", type=int, default=0, help="embedding rows (0: the tokenizer's size)")
-    args = parser.parse_args(argv)
-    from refdpo.testbed.tiny import build_tiny
+    from refdpo.config import parse_args
+    from refdpo.testbed.tiny import TinyConfig, build_tiny
 
-    model_size = dict(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
-                      intermediate=args.intermediate, vocab_size=args.vocab_size)
-    out = build_tiny(args.out, args.train_pairs, args.val_pairs, args.seed, args.template, args.max_len,
-                     args.force, model_size)
+    cfg = parse_args(TinyConfig, argv, "refdpo tiny", "Build a tiny offline setup: a tokenizer and random-init "
+                     "Llama (OUT/model) and synthetic pairs in the RefDPO schema scored by that model as its own "
+                     "reference (OUT/data).")
+    settings = dataclasses.asdict(cfg)
+    out = build_tiny(settings.pop("out"), **settings)
     print(f"tiny setup in {out}: model {out / 'model'}, data {out / 'data'}")
     return 0
 
@@ -218,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__.strip(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     _setup_logging()
-    from refdpo.runtime import tune_allocator
+    from refdpo.allocator import tune_allocator
 
     tune_allocator()  # before any tensor exists: the CPU allocator setting that doubles small-model steps
     try:

@@ -1,13 +1,10 @@
-"""Training configuration: one typed dataclass, the single source of every default.
+"""Configuration: `option()` (a field's default and help, one source for both), the specs several commands
+share (ModelSpec, DataSpec, InferenceSpec, ObjectiveSpec, LayoutSpec), and parsing any command's config
+dataclass from YAML and flags.
 
 Precedence: dataclass defaults < `--config FILE.yaml` < command-line flags. Every field is a flag
-(`--max_lr 1e-6`, also spelled `--max-lr`); booleans take `--flag` / `--no-flag`. The RefDPO seed's flag
-names work as aliases, so its commands run unchanged apart from the program name:
-  --model_type -> --model   --data_split -> --dataset_config   --epoch -> --epochs
-  --insert_eos -> --template zephyr   --cuda, -l/--log -> accepted (the device comes from accelerate;
-  refdpo always writes its run folder)
-Defaults are the paper's (Liu et al. 2024, App. A; the seed's main.py): lr 5e-7, 3 epochs, 4 pairs per device
-(x 8 GPUs = 32), max_len 2048, 10% warmup then linear decay, clip 1.0, eval every 500 steps, seed 18890426.
+(`--max_lr 1e-6`, also spelled `--max-lr`); booleans take `--flag` / `--no-flag`; a command may add aliases
+(`refdpo train` takes the RefDPO seed's flag names: commands/train.py).
 """
 
 from __future__ import annotations
@@ -21,10 +18,14 @@ from pathlib import Path
 
 import yaml
 
+from refdpo.core.objectives import OBJECTIVES, Objective
 from refdpo.data.pairs import ON_TRUNCATED
+from refdpo.data.schema import DEFAULT_REF_COLUMNS
 from refdpo.data.templates import DEFAULT_TEMPLATE, TEMPLATES
-from refdpo.errors import ConfigError
-from refdpo.objectives import OBJECTIVES, Objective
+from refdpo.errors import ConfigError, first_line
+
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
+INFERENCE_DTYPES = ("auto", *WEIGHT_DTYPES)  # auto: bfloat16 on a GPU that has it, else float32
 
 
 def option(default, help: str, **kw):
@@ -81,8 +82,7 @@ class InferenceSpec:
     def inference_checks(self) -> list[tuple[bool, str]]:
         return [
             (self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}"),
-            (self.dtype in ("auto", "float32", "bfloat16", "float16"),
-             "--dtype must be auto, float32, bfloat16 or float16"),
+            (self.dtype in INFERENCE_DTYPES, f"--dtype must be {' | '.join(INFERENCE_DTYPES)}"),
             (self.device_map in (None, "auto"), "--device_map takes auto"),
             (self.tensor_parallel_size >= 1, "--tensor_parallel_size must be >= 1"),
         ]
@@ -105,7 +105,7 @@ class ObjectiveSpec:
     label_smoothing: float = option(0.0, "cDPO label-flip probability (loss cdpo)")
     simpo_gamma: float = option(0.5, "SimPO target margin gamma")
     dpo_weight: float = option(1.0, "constant factor on the loss (seed's --dpo_weight)")
-    ref_columns: str = option("chosen_logprob,rejected_logprob", "reference log-prob columns CHOSEN,REJECTED")
+    ref_columns: str = option(",".join(DEFAULT_REF_COLUMNS), "reference log-prob columns CHOSEN,REJECTED")
 
     @property
     def objective(self) -> Objective:
@@ -134,83 +134,8 @@ class LayoutSpec:
         return [(self.pack_capacity >= 0, "--pack_capacity must be >= 0")]
 
 
-@dataclass
-class TrainConfig(LayoutSpec, ObjectiveSpec, DataSpec, ModelSpec):
-    # model (and ModelSpec's fields)
-    dtype: str = option("float32", "dtype the weights are loaded in: float32 (master weights for mixed "
-                               "precision), bfloat16, float16")
-    mixed_precision: str | None = option(None, "no | bf16 | fp16; default: what `accelerate launch` was given")
-    gradient_checkpointing: bool = option(True, "recompute activations in backward (non-reentrant)")
-    liger: bool = option(False, "Liger's fused kernels for RMSNorm, SwiGLU and RoPE (GPU; needs liger-kernel)")
-    compile: bool = option(False, "torch.compile each decoder layer (GPU; on a CPU it needs a C++ compiler)")
-    lora: bool = option(False, "train LoRA adapters (peft) instead of all weights")
-    lora_r: int = option(16, "LoRA rank")
-    lora_alpha: int = option(32, "LoRA alpha")
-    lora_dropout: float = option(0.05, "LoRA dropout")
-    lora_target_modules: str = option("all-linear", "comma-separated module names, or all-linear")
-    # data (and DataSpec's fields)
-    train_split: str = option("train", "training split name, or a path to its file")
-    val_split: str = option("val", "validation split name or path; empty to train without evaluation")
-    max_train_pairs: int = option(0, "use only the first N training pairs (0: all)")
-    max_val_pairs: int = option(0, "use only the first N validation pairs (0: all)")
-    strict: bool = option(False, "refuse to train when the data's provenance disagrees with this config (template, "
-                             "max_len, rows); without it such mismatches are warnings")
-    # optimisation
-    epochs: int = option(3, "passes over the training split (seed: --epoch)")
-    batch_size: int = option(4, "pairs per device per micro-batch")
-    accumulate_step: int = option(1, "micro-batches per optimizer step")
-    eval_batch_size: int = option(0, "pairs per device when evaluating (0: batch_size)")
-    max_lr: float = option(5e-7, "peak learning rate (AdamW)")
-    weight_decay: float = option(0.01, "AdamW weight decay")
-    adam_beta1: float = option(0.9, "AdamW beta1")
-    adam_beta2: float = option(0.999, "AdamW beta2")
-    warmup_ratio: float = option(0.1, "fraction of steps of linear warmup, then linear decay to 0")
-    max_grad_norm: float = option(1.0, "gradient clipping norm (0: off)")
-    seed: int = option(18890426, "random seed (data order, initialisation of LoRA)")
-    # evaluation, checkpoints, logging
-    eval_interval: int = option(500, "evaluate every N optimizer steps (and at each epoch end)")
-    eval_at_start: bool = option(True, "evaluate before the first step (step 0: the reference's own loss)")
-    save_interval: int = option(0, "save a resumable checkpoint every N steps (0: at each evaluation)")
-    report_freq: int = option(10, "log training metrics every N optimizer steps")
-    output_dir: str = option("", "run folder (default runs/<date-time>)")
-    resume: bool = option(False, "continue the run in --output_dir from its last checkpoint")
-    report_to: str = option("tensorboard", "comma-separated: tensorboard, wandb, none")
-    wandb_project: str = option("refdpo", "W&B project when --report_to wandb")
-    progress: bool = option(True, "show a progress bar")
-
-    # --- derived views -------------------------------------------------------------------------------
-    @property
-    def trackers(self) -> list[str]:
-        names = [t.strip() for t in self.report_to.split(",") if t.strip()]
-        return [] if names in ([], ["none"]) else names
-
-    def validate(self) -> TrainConfig:
-        check_all(self.spec_checks() + self.objective_checks() + self.layout_checks() + [
-            (self.dtype in ("float32", "bfloat16", "float16"), "--dtype must be float32, bfloat16 or float16"),
-            (self.mixed_precision in (None, "no", "bf16", "fp16"), "--mixed_precision must be no, bf16 or fp16"),
-            (min(self.epochs, self.batch_size, self.accumulate_step, self.report_freq,
-                 self.eval_interval) >= 1,
-             "--epochs, --batch_size, --accumulate_step, --report_freq and --eval_interval must be >= 1"),
-            (self.max_lr > 0, "--max_lr must be > 0"),
-            (0 <= self.warmup_ratio <= 1, "--warmup_ratio must be in [0, 1]"),
-            (set(self.trackers) <= {"tensorboard", "wandb"}, "--report_to takes tensorboard, wandb or none"),
-        ])
-        return self
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
-# Seed flag -> (field, value when given as a bare switch, or None when it takes a value).
-ALIASES: dict[str, tuple[str | None, object]] = {
-    "--model_type": ("model", None),
-    "--data_split": ("dataset_config", None),
-    "--epoch": ("epochs", None),
-    "--insert_eos": ("template", "zephyr"),
-    "--cuda": (None, True),
-    "-l": (None, True),
-    "--log": (None, True),
-}
 
 
 def _field_types(cls: type) -> dict[str, type]:
@@ -232,13 +157,10 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
 
 
-def build_parser(prog: str = "refdpo train", cls: type = TrainConfig, description: str | None = None,
+def build_parser(prog: str, cls: type, description: str | None = None,
                  aliases: dict | None = None) -> argparse.ArgumentParser:
     """One flag per field of the dataclass `cls` (`--name` and `--name-with-dashes`), plus `--config`."""
-    if cls is TrainConfig and aliases is None:
-        aliases = ALIASES
-    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description=description or (
-        "Train a policy with DPO (or a variant) from reference log-probs stored in the dataset."))
+    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description=description)
     parser.add_argument("--config", help="YAML file of field: value (flags given here override it)")
     types = _field_types(cls)
     for f in dataclasses.fields(cls):
@@ -273,7 +195,7 @@ def load_yaml(path: str | Path) -> dict:
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{path}: invalid YAML: {first_line(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of field: value, got {type(data).__name__}")
     return data
@@ -298,7 +220,7 @@ def _coerce(cls: type, name: str, value: object, source: str) -> object:
         raise ConfigError(f"{source}: field '{name}' must be {kind.__name__}, got {value!r}") from None
 
 
-def coerce_fields(values: dict, source: str, cls: type = TrainConfig, ignore_unknown: bool = False) -> dict:
+def coerce_fields(values: dict, source: str, cls: type, ignore_unknown: bool = False) -> dict:
     """Check names and types of `values` (from YAML or code); errors name the source and the field.
     `ignore_unknown`: drop fields `cls` does not have (a command reading the training config's YAML)."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -308,26 +230,25 @@ def coerce_fields(values: dict, source: str, cls: type = TrainConfig, ignore_unk
     return {k: _coerce(cls, k, v, source) for k, v in values.items() if k in names}
 
 
-def from_dict(values: dict, source: str = "config", cls: type = TrainConfig):
+def from_dict(values: dict, cls: type, source: str = "config"):
     return cls(**coerce_fields(values, source, cls)).validate()
 
 
 def parse_args(cls: type, argv: list[str] | None, prog: str, description: str | None = None,
-               ignore_unknown_yaml: bool = False):
-    """defaults < YAML (--config) < flags, for the config dataclass `cls`; returns it validated."""
-    args = vars(build_parser(prog, cls, description).parse_args(argv))
+               ignore_unknown_yaml: bool = False, aliases: dict | None = None):
+    """defaults < YAML (--config) < flags, for the config dataclass `cls`; returns it validated. `aliases`:
+    {flag: (field, value as a bare switch, or None when it takes a value)}, other tools' names for fields."""
+    args = vars(build_parser(prog, cls, description, aliases).parse_args(argv))
     path = args.pop("config", None)
     values = coerce_fields(load_yaml(path), str(path), cls, ignore_unknown_yaml) if path else {}
     values.update({k: v for k, v in args.items() if not k.startswith("_ignored")})
     return cls(**values).validate()
 
 
-def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
-    return parse_args(TrainConfig, argv, "refdpo train")
 
 
 def save_yaml(config, path: Path) -> None:
     """The resolved config, loadable again with --config."""
-    from refdpo.checkpoint import atomic_write_text
+    from refdpo.io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's first line, '' when it has none (transformers' and datasets' messages run to paragraphs)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
 class RefdpoError(Exception):
     """An error caused by the user's input (config, data, paths), reported without a traceback."""
 

@@ -1,4 +1,4 @@
-"""Loading the policy and tokenizer: attention backend, dtype, gradient checkpointing, LoRA.
+"""Loading the policy and frozen models: attention backend, dtype, gradient checkpointing, LoRA, Liger, compile.
 
 The tokenizer is never modified. RefDPO added a `<pad>` token and resized the embeddings (which needs gathering
 under ZeRO-3 and changes the model); padding positions are masked out of attention and loss, so any existing
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from refdpo.errors import ConfigError, RefdpoError
-from refdpo.tokenization import first_line
+from refdpo.config import INFERENCE_DTYPES
+from refdpo.errors import ConfigError, RefdpoError, first_line
 
 
 def pad_token_id(tokenizer) -> int:
@@ -42,7 +42,7 @@ def _from_pretrained(spec, dtype: torch.dtype, attn: str, **kwargs) -> torch.nn.
                                                     attn_implementation=attn,
                                                     trust_remote_code=spec.trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
-        raise RefdpoError(f"cannot load model {spec.model!r}: {first_line(e)}") from None
+        raise RefdpoError(f"cannot load model {spec.model!r}: {first_line(e) or type(e).__name__}") from None
 
 
 def load_policy(cfg, device: torch.device) -> torch.nn.Module:
@@ -103,13 +103,18 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(layers)
 
 
+def default_device() -> torch.device:
+    """Where a single-process command (check, analyze, generate) runs a model: the GPU if there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def inference_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: bfloat16 on a GPU that has it, else float32 (on a CPU, the exactness the float64 checks assume)."""
     if name == "auto":
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if bf16 else torch.float32
-    if name not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16, got {name!r}")
+    if name not in INFERENCE_DTYPES:
+        raise ConfigError(f"--dtype must be {' | '.join(INFERENCE_DTYPES)}, got {name!r}")
     return getattr(torch, name)
 
 

@@ -18,18 +18,49 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from datetime import datetime, timezone
 from pathlib import Path
 
-from refdpo.checkpoint import atomic_write_json
-from refdpo.data.loading import sidecar_path  # noqa: F401  (re-exported: where sidecars live)
-from refdpo.data.templates import prior_conversation, render, tokenize_rendered
 from refdpo.errors import ConfigError
+from refdpo.io import atomic_write_json
 from refdpo.tokenization import PROBE
 
 log = logging.getLogger(__name__)
 _PROBE = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Say hi, then stop."},
           {"role": "assistant", "content": "Hi!"}]
 _EDGE_BYTES = 1 << 20
+
+
+# --- where a split's provenance lives ----------------------------------------------------------------------
+
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+FOLDER_SIDECAR = "refdpo_provenance.json"
+
+
+def sidecar_path(data_path: str | Path, split: str | None = None) -> Path:
+    """Where the provenance (refdpo/provenance.py) of a dataset file or folder lives: `train.jsonl` ->
+    `train.jsonl.provenance.json` (so train.jsonl and train.parquet keep their own); a save_to_disk folder ->
+    inside it; a DatasetDict folder -> `{split}.provenance.json` inside it."""
+    path = Path(data_path)
+    if path.suffix in FILE_SUFFIXES:
+        return path.with_name(f"{path.name}.provenance.json")
+    return path / (f"{split}.provenance.json" if split is not None else FOLDER_SIDECAR)
+
+
+def hub_sidecar_name(config: str | None, split: str) -> str:
+    """The name of a split's provenance in a Hub dataset repo (`refdpo score --push_to_hub` uploads it)."""
+    return f"{config}_{split}.provenance.json" if config else f"{split}.provenance.json"
+
+
+def hub_sidecar(dataset: str, config: str | None, split: str, revision: str | None) -> Path | None:
+    """The provenance `refdpo score --push_to_hub` uploads beside a split, if the repo has one."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(dataset, hub_sidecar_name(config, split), repo_type="dataset",
+                                    revision=revision))
+    except Exception:  # no sidecar (most datasets), or offline: nothing to compare
+        return None
 
 
 def read(sidecar: Path | None) -> dict[str, dict]:
@@ -138,6 +169,9 @@ def tokenizer_drift(entry: dict, tokenizer) -> str | None:
 
 def template_fingerprint(template: str, tokenizer, prior_prefix: str | None = None) -> str:
     """sha256 of a probe conversation rendered and tokenised as scoring does (text, BOS, EOS, boundary)."""
+    from refdpo.data.pairs import UNBOUNDED
+    from refdpo.data.templates import prior_conversation, render, tokenize_rendered
+
     messages = _PROBE if prior_prefix is None else prior_conversation(_PROBE, prior_prefix)
     if template == "model":
         messages = messages[1:] if prior_prefix is None else messages  # not every chat template takes a system turn
@@ -145,7 +179,7 @@ def template_fingerprint(template: str, tokenizer, prior_prefix: str | None = No
         prompt, full = render(messages, template, tokenizer)
     except Exception as e:  # the template cannot render the probe: record that instead
         return f"unrenderable: {type(e).__name__}"
-    encoded, _ = tokenize_rendered([prompt], [full], tokenizer, template, 1 << 30)
+    encoded, _ = tokenize_rendered([prompt], [full], tokenizer, template, UNBOUNDED)
     ids = encoded[0].input_ids.tolist()
     return hashlib.sha256(json.dumps([template, ids, encoded[0].response_start]).encode()).hexdigest()
 
@@ -205,3 +239,57 @@ def training_report(entry: dict, *, model: str, revision: str | None, tokenizer,
         warnings.append("the split's conversations changed after scoring (same row count, other content or "
                         "order)")
     return warnings, notes
+
+
+# --- an entry, as `refdpo score` writes it ---------------------------------------------------------------
+
+def reference_entry(cfg, model, tokenizer, rendered: str, raw, data, weights: str | None, dtype: str,
+                    manifest: dict, coverage: dict) -> dict:
+    """The entry of one scored column pair (cfg: a ScoreConfig; raw: the RawSplit; data: its PairData)."""
+    from refdpo import __version__
+    from refdpo.data.schema import parse_ref_columns
+
+    local = Path(cfg.model).exists()
+    prior = cfg.mode == "prior"
+    return {
+        "columns": list(parse_ref_columns(cfg.columns)), "refdpo_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": cfg.model, "model_path": str(Path(cfg.model).resolve()) if local else None,
+        "revision": cfg.revision, "commit": getattr(getattr(model, "config", None), "_commit_hash", None),
+        "weights_sha256": weights, "dtype": dtype, "backend": cfg.backend, "device_map": cfg.device_map,
+        "tokenizer": cfg.tokenizer or cfg.model, "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+        "tokenizer_files_sha256": tokenizer_files_fingerprint(tokenizer),
+        "tokenizer_versions": tokenizer_versions(),
+        "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
+        "template": cfg.template, "insert_eos": cfg.template == "zephyr",
+        "template_sha256": template_fingerprint(rendered, tokenizer, cfg.prior_prefix if prior else None),
+        "mode": cfg.mode, "prior_prefix": cfg.prior_prefix if prior else None,
+        "max_len": cfg.max_len, "on_truncated": cfg.on_truncated,
+        "dataset": cfg.dataset, "dataset_config": cfg.dataset_config, "split": cfg.split, "source": raw.source,
+        "rows_in": len(raw), "rows_out": len(data), **{k: data.stats[k] for k in (
+            "dropped_truncated", "partially_truncated", "boundary_merges")},
+        "coverage": coverage, "layout": {"fused_head": manifest["fused"], "shared_prompt": manifest["share"]},
+    }
+
+
+def check_for_training(raw, data, tokenizer, cfg, strict: bool = False) -> None:
+    """Compare how a split's reference columns were scored (its provenance) with the run about to use them
+    (`cfg`: model, revision, template, max_len): log what matches, warn on what would make the stored log-probs
+    mean something else than intended, or with `strict` refuse (ConfigError). `raw`: the whole split."""
+    columns = data.stats["ref_columns"]
+    entry = read(raw.provenance).get(column_key(columns))
+    if entry is None:
+        log.info("%s: no provenance for %s (not written by refdpo score): how they were scored is unchecked",
+                 raw.source, ",".join(columns))
+        return
+    longest = max(e.full_length for seqs in (data.chosen, data.rejected) for e in seqs)
+    warnings, notes = training_report(entry, model=cfg.model, revision=cfg.revision, tokenizer=tokenizer,
+                                      template=cfg.template, max_len=cfg.max_len, rows=len(raw.records),
+                                      longest=longest, conversations=records_fingerprint(raw.records, CONVERSATIONS))
+    for note in notes:
+        log.info("%s: %s", raw.source, note)
+    if warnings and strict:
+        raise ConfigError(f"{raw.source}: the reference log-probs do not match this run (--strict): "
+                          + "; ".join(warnings))
+    for warning in warnings:
+        log.warning("%s: %s (--strict refuses this)", raw.source, warning)

@@ -6,7 +6,7 @@ import csv
 import io
 from pathlib import Path
 
-from refdpo.checkpoint import atomic_write_json, atomic_write_text
+from refdpo.io import atomic_write_json, atomic_write_text
 
 
 def columns_of(rows: list[dict]) -> list[str]:

@@ -26,7 +26,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from refdpo.errors import ConfigError, RefdpoError
+from refdpo.errors import ConfigError, RefdpoError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,6 @@ PROBE = ("Hello world", " leading space", "trailing space ", "two  spaces and\n\
          "日本語のテキスト", "```python\nprint('x')\n```")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "tokenizer.model.v1")
-
-
-def first_line(error: Exception) -> str:
-    """An exception's first line (transformers' messages run to paragraphs)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _resolve(name: str, filename: str, revision: str | None) -> Path | None:
@@ -77,7 +71,7 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as e:
-        raise RefdpoError(f"cannot load tokenizer {name!r}: {first_line(e)}") from None
+        raise RefdpoError(f"cannot load tokenizer {name!r}: {first_line(e) or type(e).__name__}") from None
     files = {f: p for f in TOKENIZER_FILES if (p := _resolve(name, f, revision)) is not None}
     tokenizer.refdpo_files = files  # what save_tokenizer copies
     built = getattr(tokenizer, "backend_tokenizer", None)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import run_cli
 
-from refdpo.analysis import analyze_tokens, write_analysis
+from refdpo.commands.analyze import analyze_tokens, write_analysis
 from refdpo.data import build_pairs, load_split
 from refdpo.modeling import pad_token_id
 from refdpo.tokenization import load_tokenizer

@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from refdpo.config import TrainConfig, build_parser, load_yaml, parse_train_args, save_yaml
+from refdpo.commands.train import ALIASES, TrainConfig, parse_train_args
+from refdpo.config import build_parser, load_yaml, save_yaml
 from refdpo.errors import ConfigError
 
 SEED_COMMAND = ["--cuda", "--dataset", "yale-nlp/RefDPO", "--data_split", "mistral", "--epoch", "3", "--beta",
@@ -40,7 +41,7 @@ def test_seed_internal_settings_are_flags():
 
 
 def test_every_field_is_a_flag_in_both_spellings():
-    options = build_parser()._option_string_actions
+    options = build_parser("refdpo train", TrainConfig, aliases=ALIASES)._option_string_actions
     for f in dataclasses.fields(TrainConfig):
         assert f"--{f.name}" in options, f.name
         assert f"--{f.name.replace('_', '-')}" in options, f.name

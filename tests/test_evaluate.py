@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from helpers import run_cli, train_config
 
+from refdpo.commands.evaluate import EvalConfig, evaluate
+from refdpo.commands.score import score_data
+from refdpo.commands.train import train
 from refdpo.data import build_pairs, load_split
-from refdpo.evaluate import EvalConfig, evaluate
 from refdpo.modeling import pad_token_id
-from refdpo.score import score_data
 from refdpo.tokenization import load_tokenizer
-from refdpo.train import train
 
 
 def _wins(a: np.ndarray, b: np.ndarray, tie: float) -> np.ndarray:

@@ -8,8 +8,8 @@ import shutil
 import pytest
 from helpers import run_cli
 
+from refdpo.commands.generate import GenerateConfig, generate, load_prompts, repeated_ngram_share
 from refdpo.errors import DataError
-from refdpo.generate import GenerateConfig, generate, load_prompts, repeated_ngram_share
 from refdpo.tokenization import load_tokenizer
 
 PROMPTS = ["Why do people like bees?", "Name a blue fruit.", "Say hi.", "Tell me about a clever whale.",

@@ -8,8 +8,8 @@ import json
 import pytest
 from helpers import run_cli
 
+from refdpo.commands.judge import JudgeConfig, join_with_table, judge
 from refdpo.errors import ConfigError
-from refdpo.judge import JudgeConfig, join_with_table, judge
 from refdpo.tables import write_tables
 
 

@@ -1,4 +1,4 @@
-"""Numerics of refdpo.logprobs: response log-probs against a plain float64 computation, chunking, the chunked
+"""Numerics of refdpo.core.logprobs: response log-probs against a plain float64 computation, chunking, the chunked
 head's gradients, padding invariance, response-only masking, architectures that post-process their logits,
 bf16 autocast, and the memory property (no [N, T, V]-sized tensor is saved for backward on the fused path).
 
@@ -17,16 +17,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from refdpo import logprobs as lp
-from refdpo.logprobs import (
-    chunked_target_logprobs,
-    head_matches_model,
-    head_transform,
+from refdpo.core import lm_head as head
+from refdpo.core import logprobs as lp
+from refdpo.core.lm_head import chunked_target_logprobs, head_transform
+from refdpo.core.logprobs import (
     prediction_mask,
     reference_logprobs_float64,
     response_token_logprobs,
     sequence_logprobs,
 )
+from refdpo.core.verify import head_matches_model
 
 SEQ_TOL_F64 = 1e-4  # nats per sequence vs float64 (the issue's acceptance criterion)
 TOKEN_TOL_F64 = 1e-5  # nats per token vs float64
@@ -167,14 +167,14 @@ def test_chunk_rows():  # the fallback path (the model's own logits) chunks whol
 
 def test_tile_shape():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert lp.tile_shape(1024, 131072, cpu) == (1024, 512)  # 2 MiB tiles on CPU, 1024 rows when there are
-    assert lp.tile_shape(5000, 131072, cpu) == (1024, 512)
-    assert lp.tile_shape(300, 131072, cpu) == (300, (1 << 19) // 300)  # fewer rows: wider tiles
-    assert lp.tile_shape(300, 5000, cpu) == (300, 1747)
-    assert lp.tile_shape(10, 100, cpu) == (10, 100)  # never wider than the vocabulary
-    assert lp.tile_shape(16384, 131072, cuda) == (4096, 4096)  # 64 MiB square tiles elsewhere
-    assert lp.tile_shape(37, 97, cpu, chunk_elements=5) == (5, 1)  # never zero, never more than asked
-    assert lp.tile_shape(37, 97, cpu, chunk_elements=5 * 97) == (37, 13)
+    assert head.tile_shape(1024, 131072, cpu) == (1024, 512)  # 2 MiB tiles on CPU, 1024 rows when there are
+    assert head.tile_shape(5000, 131072, cpu) == (1024, 512)
+    assert head.tile_shape(300, 131072, cpu) == (300, (1 << 19) // 300)  # fewer rows: wider tiles
+    assert head.tile_shape(300, 5000, cpu) == (300, 1747)
+    assert head.tile_shape(10, 100, cpu) == (10, 100)  # never wider than the vocabulary
+    assert head.tile_shape(16384, 131072, cuda) == (4096, 4096)  # 64 MiB square tiles elsewhere
+    assert head.tile_shape(37, 97, cpu, chunk_elements=5) == (5, 1)  # never zero, never more than asked
+    assert head.tile_shape(37, 97, cpu, chunk_elements=5 * 97) == (37, 13)
 
 
 # ---------------------------------------------------------------------------------------------- 3. head grads
@@ -241,7 +241,7 @@ def test_chunked_head_gradcheck_float64():
     weight = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
     targets = torch.tensor([0, 6, 3, 3])
-    assert lp._compute_dtype(hidden) == torch.float64
+    assert head._compute_dtype(hidden) == torch.float64
 
     def fn(h, w, b):
         return chunked_target_logprobs(h, w, targets, b, scale=2.0, softcap=5.0, chunk_elements=14)
@@ -423,7 +423,7 @@ def test_bf16_autocast_fused_matches_own_logits():
     model = llama(vocab=2000, seed=15)
     batch = make_batch([128, 96, 40], [10, 50, 1], vocab=2000, seed=16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert lp._compute_dtype(torch.zeros(1)) == torch.bfloat16
+        assert head._compute_dtype(torch.zeros(1)) == torch.bfloat16
         fused, _ = sequence_logprobs(model, batch, fused=True)
         own, _ = sequence_logprobs(model, batch, fused=False)
         tokens = token_lps(model, batch, fused=True)
@@ -490,7 +490,7 @@ def test_fused_path_saves_no_full_logits():
 def test_a_model_that_never_calls_its_head_falls_back_to_its_own_logits():
     """A forward computing logits without calling `get_output_embeddings()` (as some custom code does): the
     redirection is never reached, so the start-up probe reports it and the model's own logits are used."""
-    from refdpo.logprobs import head_matches_model
+    from refdpo.core.verify import head_matches_model
 
     model = llama(seed=3)
 

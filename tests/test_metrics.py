@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refdpo.metrics import TIE_NATS, PairStats
+from refdpo.core.metrics import TIE_NATS, PairStats
 
 D = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
 

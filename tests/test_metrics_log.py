@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from refdpo.metrics import MetricsLog
+from refdpo.core.metrics import MetricsLog
 
 
 class MainProcess:

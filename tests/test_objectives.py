@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from refdpo.objectives import Objective, dpo_loss, hinge_loss, ipo_loss, simpo_loss
+from refdpo.core.objectives import Objective, dpo_loss, hinge_loss, ipo_loss, simpo_loss
 
 T = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
 TOL = 1e-12

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from refdpo.core.logprobs import reference_logprobs_float64, sequence_logprobs
 from refdpo.data import build_pairs, collate_packed, collate_pairs, load_split
 from refdpo.data.collate import pack_rows
-from refdpo.logprobs import reference_logprobs_float64, sequence_logprobs
 from refdpo.tokenization import load_tokenizer
 
 F64_TOL = 1e-5  # nats per sequence (see above)
@@ -100,7 +100,7 @@ def test_packed_float32_fused_head(pairs, model, layout):
 def test_start_up_check_falls_back_when_attention_mixes_sequences(pairs, model, monkeypatch):
     import transformers.masking_utils as mu
 
-    from refdpo.layout import packing_works
+    from refdpo.core.verify import packing_works
 
     data, pad = pairs
     cpu, sequences, shared = torch.device("cpu"), {"mask_dtype": None}, {"mask_dtype": torch.bool}
@@ -113,7 +113,7 @@ def test_start_up_check_falls_back_when_attention_mixes_sequences(pairs, model, 
 
 
 def test_training_picks_the_shared_prompt_layout(pairs, model):
-    from refdpo.layout import choose_collate
+    from refdpo.core.verify import choose_collate
 
     data, pad = pairs
     chosen = choose_collate(model, data, pad, torch.device("cpu"), True)
@@ -126,8 +126,8 @@ def test_liger_without_the_package_is_a_clear_error(tiny_setup, tmp_path):
 
     from helpers import train_config
 
+    from refdpo.commands.train import train
     from refdpo.errors import ConfigError
-    from refdpo.train import train
 
     if importlib.util.find_spec("liger_kernel") is not None:
         pytest.skip("liger-kernel is installed here")

@@ -17,15 +17,15 @@ import pytest
 import torch
 from helpers import REPO, run_cli, train_config
 
-from refdpo.check import CheckConfig, check
+from refdpo.commands.check import CheckConfig, check
+from refdpo.commands.score import ScoreConfig, score
+from refdpo.commands.train import train
+from refdpo.core.logprobs import reference_logprobs_float64
 from refdpo.data import build_pairs, collate_pairs, load_split
 from refdpo.data.pairs import reference_pairs
 from refdpo.errors import ConfigError
-from refdpo.logprobs import reference_logprobs_float64
 from refdpo.modeling import pad_token_id
-from refdpo.score import ScoreConfig, score
 from refdpo.tokenization import load_tokenizer
-from refdpo.train import train
 
 LN2 = math.log(2)
 

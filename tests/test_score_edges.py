@@ -20,20 +20,12 @@ import pytest
 import torch
 from helpers import run_cli
 
-import refdpo.score as score_mod
+import refdpo.commands.score as score_mod
 from refdpo import provenance as prov
-from refdpo import shards
-from refdpo.check import CheckConfig, check
 from refdpo.cli import main
-from refdpo.data import PairData, build_pairs, load_split
-from refdpo.data.collate import collate_shared, shares_prompt
-from refdpo.data.loading import sidecar_path
-from refdpo.data.templates import Encoded
-from refdpo.data.writing import output_format
-from refdpo.errors import ConfigError, DataError, DataErrors, RefdpoError
-from refdpo.modeling import mask_dtype as modeling_mask_dtype
-from refdpo.modeling import pad_token_id
-from refdpo.score import (
+from refdpo.commands import score_job as shards
+from refdpo.commands.check import CheckConfig, check
+from refdpo.commands.score import (
     ScoreConfig,
     decide_layout,
     plan_batches,
@@ -41,7 +33,15 @@ from refdpo.score import (
     score_batch,
     score_data,
 )
-from refdpo.shards import merge_blocks
+from refdpo.commands.score_job import merge_blocks
+from refdpo.data import PairData, build_pairs, load_split
+from refdpo.data.collate import collate_packed, shares_prompt
+from refdpo.data.templates import Encoded
+from refdpo.data.writing import output_format
+from refdpo.errors import ConfigError, DataError, DataErrors, RefdpoError
+from refdpo.modeling import mask_dtype as modeling_mask_dtype
+from refdpo.modeling import pad_token_id
+from refdpo.provenance import sidecar_path
 from refdpo.tokenization import load_tokenizer
 
 KEY = "chosen_logprob,rejected_logprob"
@@ -465,7 +465,8 @@ def test_shared_prompt_layout_equals_the_plain_one(attn, models, val_data, tok):
     assert model.config._attn_implementation == attn
     mask_dtype = modeling_mask_dtype(model)
     assert mask_dtype == (torch.bool if attn == "sdpa" else torch.float32)
-    assert collate_shared(val_data, [0, 1], pad, mask_dtype)["attention_mask"].dtype == mask_dtype
+    shared_rows = collate_packed(val_data, [0, 1], np.ones(2), pad, capacity=1, mask_dtype=mask_dtype)
+    assert shared_rows["attention_mask"].dtype == mask_dtype
     assert all(shares_prompt(val_data, i) for i in range(len(val_data)))
     longest = sorted(range(len(val_data)), key=val_data.num_tokens)[-3:]
     for indices in (list(range(len(val_data))), [7], longest + [0]):

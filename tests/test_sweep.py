@@ -13,8 +13,8 @@ import pytest
 import yaml
 from helpers import REPO, run_cli
 
+from refdpo.commands.sweep import dry_run, load_grid
 from refdpo.errors import ConfigError
-from refdpo.sweep import dry_run, load_grid
 
 
 def _grid(tiny_setup, tmp_path) -> tuple:
@@ -75,7 +75,7 @@ def test_dry_run_and_bad_grids(tiny_setup, tmp_path):
 
 
 def test_a_sweep_can_generate_for_each_run(tiny_setup, tmp_path):
-    from refdpo.sweep import sweep
+    from refdpo.commands.sweep import sweep
 
     grid, out = _grid(tiny_setup, tmp_path)
     prompts = tmp_path / "prompts.jsonl"
@@ -87,3 +87,17 @@ def test_a_sweep_can_generate_for_each_run(tiny_setup, tmp_path):
     outputs = json.loads((out / "beta0.1" / "outputs.json").read_text())
     assert [o["generator"] for o in outputs] == ["beta0.1", "beta0.1"]
     assert row["length_mean"] <= 8 and 0 <= row["degenerate"] <= 2
+
+
+def test_a_run_is_evaluated_with_every_setting_it_trained_with():
+    """The best checkpoint is evaluated as the run trained: dpo_weight, revision, tokenizer, layout, attention."""
+    from refdpo.commands.sweep import evaluation_config
+    from refdpo.commands.train import TrainConfig
+
+    cfg = TrainConfig(model="m", dataset="d", dpo_weight=0.5, revision="abc", tokenizer="t", packing=False,
+                      attn_implementation="eager", on_truncated="error", eval_batch_size=3,
+                      max_val_pairs=7).validate()
+    evaluated = evaluation_config(cfg, "best", "val")
+    assert (evaluated.dpo_weight, evaluated.revision, evaluated.tokenizer, evaluated.packing,
+            evaluated.attn_implementation, evaluated.on_truncated) == (0.5, "abc", "t", False, "eager", "error")
+    assert (evaluated.model, evaluated.split, evaluated.batch_size, evaluated.max_pairs) == ("best", "val", 3, 7)

@@ -16,9 +16,9 @@ import torch
 from helpers import train_config
 from real_vocab import llama3_folder, llamacpp_vocab, mistral_folder, sentencepiece_from_gguf
 
+from refdpo.core.logprobs import reference_logprobs_float64
 from refdpo.data import build_pairs, collate_pairs, load_split
 from refdpo.errors import ConfigError
-from refdpo.logprobs import reference_logprobs_float64
 from refdpo.tokenization import PROBE, check_reload, first_difference, load_tokenizer, save_tokenizer
 
 SPECIAL = ("<s>", "</s>", "<unk>")  # Mistral's special tokens; <|user|> and <|assistant|> are plain text to it
@@ -185,8 +185,8 @@ def test_llamacpp_reference_vectors_pass_through_the_loader(vocab, name):
 def test_scores_on_the_real_tokens_equal_float64(models, stress_data, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from refdpo.commands.score import ScoreConfig, score
     from refdpo.modeling import pad_token_id
-    from refdpo.score import ScoreConfig, score
 
     out = tmp_path / "scored.jsonl"
     score(ScoreConfig(model=str(models["mistral"]), dataset=str(stress_data), split="train", out=str(out),
@@ -202,7 +202,7 @@ def test_scores_on_the_real_tokens_equal_float64(models, stress_data, tmp_path):
 
 
 def test_a_checkpoint_reloads_to_the_same_ids_under_every_template(models, stress_data, tmp_path):
-    from refdpo.train import train
+    from refdpo.commands.train import train
 
     summary = train(train_config(models["mistral"], tmp_path / "run", model=str(models["mistral"]),
                                  dataset=str(stress_data), template="zephyr", ref_free=True, max_len=1024,
@@ -236,8 +236,8 @@ def test_a_saved_tokenizer_that_tokenises_otherwise_is_refused_naming_the_token(
 def test_a_llama3_reference_scores_and_a_mistral_policy_trains_on_it(models, stress_data, tmp_path):
     """RefDPO's `llama3` config: references from a 128k-token Llama-3 (its own chat format), a 32k-token
     Mistral policy."""
-    from refdpo.score import ScoreConfig, score
-    from refdpo.train import train
+    from refdpo.commands.score import ScoreConfig, score
+    from refdpo.commands.train import train
 
     data = tmp_path / "data"
     for split in ("train", "val"):
@@ -265,8 +265,8 @@ def test_the_model_template_puts_the_response_where_the_llama3_chat_format_does(
 
 
 def test_check_names_the_same_files_tokenising_differently(models, stress_data, tmp_path):
-    from refdpo.check import CheckConfig, check
-    from refdpo.score import ScoreConfig, score
+    from refdpo.commands.check import CheckConfig, check
+    from refdpo.commands.score import ScoreConfig, score
 
     out = tmp_path / "scored.jsonl"
     score(ScoreConfig(model=str(models["mistral"]), dataset=str(stress_data), split="val", out=str(out),

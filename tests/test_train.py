@@ -13,8 +13,8 @@ import pytest
 from helpers import REPO, kill_at_checkpoint, max_diff, read_metrics, run_cli, train_config, weights
 from safetensors.torch import load_file
 
+from refdpo.commands.train import train
 from refdpo.errors import ConfigError
-from refdpo.train import train
 
 LN2 = math.log(2)
 
@@ -204,7 +204,7 @@ def test_compile_with_gradient_checkpointing_compiles_the_training_step(tiny_set
     word (the losses equal to eager's to the last bit): the checkpoint now goes inside the compiled layer."""
     from torch._dynamo.utils import counters
 
-    import refdpo.train as rt
+    import refdpo.commands.train as rt
 
     original, graphs = rt._train_step, []
 

@@ -1,5 +1,6 @@
-"""Pairs -> one padded batch: the B chosen sequences, then the B rejected ones, in a single [2B, T] forward.
-For scoring (no gradient), `collate_shared` instead packs each pair as one row, prompt once.
+"""Pairs -> one batch: padded (the B chosen sequences, then the B rejected ones, in a single [2B, T] forward) or
+packed (sequences back to back in rows, no padding between them; with a custom mask, each pair's prompt once:
+training, evaluation, and scoring's shared-prompt rows, one pair a row).
 
 Sequences are right-padded, so each keeps its own positions 0..L-1 and its log-prob does not depend on what
 it is batched with (the original left-then-right padding with no position ids did). Position ids are passed
@@ -88,7 +89,7 @@ def collate_packed(data: PairData, indices: np.ndarray, weights: np.ndarray, pad
     sequences share their prompt is one unit [prompt | chosen | rejected], the prompt computed once (a fifth of
     the tokens at RefDPO's lengths), with an explicit [R, 1, W, W] mask in that dtype (bool: True attends; a
     float dtype: 0 or the most negative value, for eager attention) letting each response see the prompt and
-    itself only, the rejected positions restarting after the prompt (as `collate_shared` does for scoring).
+    itself only, the rejected positions restarting after the prompt.
     Either way every sequence's log-probs are those of its own padded row.
 
     Rows hold at most max(`capacity`, longest unit) tokens: wider rows waste less padding but cost more
@@ -159,56 +160,6 @@ def shares_prompt(data: PairData, i: int) -> bool:
     c, r = data.chosen[i], data.rejected[i]
     p = c.response_start
     return p >= 1 and r.response_start == p and bool(np.array_equal(c.input_ids[:p], r.input_ids[:p]))
-
-
-def collate_shared(data: PairData, indices: np.ndarray, pad_id: int, mask_dtype: torch.dtype = torch.bool,
-                   pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
-    """One row per pair, [prompt | chosen response | rejected response], the prompt computed once.
-
-    Every pair must satisfy `shares_prompt`. The rejected response's positions restart after the prompt, and a
-    custom 4D mask lets each response attend to the prompt and to its own earlier tokens only, so each log-prob
-    is the one of the pair's own [prompt | response] sequence. The last prompt position predicts the first
-    token of both responses.
-
-    Returns input_ids/position_ids [B, W]; attention_mask [B, 1, W, W] (bool: True attends; a float dtype:
-    0 or the most negative value, for eager attention); flat_index/targets/segment [M] (prediction position
-    in the flattened [B*W] batch, its target token, and which sum it belongs to: pair b's chosen response is
-    segment b, its rejected one B + b); num_tokens, the tokens of the unshared chosen + rejected sequences.
-    """
-    b = len(indices)
-    parts, widths = [], []
-    for i in indices:
-        c, r = data.chosen[i], data.rejected[i]
-        p = c.response_start
-        parts.append((c.input_ids[:p], c.input_ids[p:], r.input_ids[p:]))
-        widths.append(len(c.input_ids) + len(r.input_ids) - p)
-    width = -(-max(widths) // pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((b, width), dtype=torch.long)
-    segments = torch.full((b, width), -1, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, -1 padding
-    flat_index, targets, segment = [], [], []
-    for row, (prompt, chosen, rejected) in enumerate(parts):
-        p, nc, nr = len(prompt), len(chosen), len(rejected)
-        input_ids[row, :p + nc + nr] = torch.from_numpy(np.concatenate([prompt, chosen, rejected]))
-        position_ids[row, :p + nc] = torch.arange(p + nc)
-        position_ids[row, p + nc:p + nc + nr] = torch.arange(p, p + nr)
-        segments[row, :p], segments[row, p:p + nc], segments[row, p + nc:p + nc + nr] = 0, 1, 2
-        base = row * width
-        chosen_from = np.arange(p - 1, p + nc - 1)  # position p-1+k predicts chosen token k
-        rejected_from = np.concatenate([[p - 1], np.arange(p + nc, p + nc + nr - 1)])
-        flat_index += [base + chosen_from, base + rejected_from]
-        targets += [chosen, rejected]
-        segment += [np.full(nc, row), np.full(nr, b + row)]
-    allowed = _prefix_mask(torch.where(segments >= 0, 0, -1), segments.clamp(min=0), mask_dtype)
-    return {
-        "input_ids": input_ids,
-        "position_ids": position_ids,
-        "attention_mask": allowed,
-        "flat_index": torch.from_numpy(np.concatenate(flat_index)).long(),
-        "targets": torch.from_numpy(np.concatenate(targets)).long(),
-        "segment": torch.from_numpy(np.concatenate(segment)).long(),
-        "num_tokens": torch.tensor(sum(data.num_tokens(i) for i in indices)),
-    }
 
 
 def to_device(batch: dict, device: torch.device | str) -> dict:

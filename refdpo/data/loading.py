@@ -16,20 +16,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from refdpo.errors import DataError
-
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
-FOLDER_SIDECAR = "refdpo_provenance.json"
-
-
-def sidecar_path(data_path: str | Path, split: str | None = None) -> Path:
-    """Where the provenance (refdpo/provenance.py) of a dataset file or folder lives: `train.jsonl` ->
-    `train.jsonl.provenance.json` (so train.jsonl and train.parquet keep their own); a save_to_disk folder ->
-    inside it; a DatasetDict folder -> `{split}.provenance.json` inside it."""
-    path = Path(data_path)
-    if path.suffix in FILE_SUFFIXES:
-        return path.with_name(f"{path.name}.provenance.json")
-    return path / (f"{split}.provenance.json" if split is not None else FOLDER_SIDECAR)
+from refdpo.errors import DataError, first_line
+from refdpo.provenance import FILE_SUFFIXES, hub_sidecar, sidecar_path
 
 
 @dataclass
@@ -47,6 +35,13 @@ class RawSplit:
     def line_of(self, row: int) -> int | None:
         return self.line_numbers[row] if self.line_numbers else None
 
+    def head(self, n: int) -> RawSplit:
+        """The first `n` records (all when n is 0), with their line numbers and provenance."""
+        if not n or n >= len(self.records):
+            return self
+        lines = self.line_numbers[:n] if self.line_numbers else None
+        return RawSplit(self.records[:n], self.source, lines, self.provenance)
+
     @property
     def columns(self) -> set[str]:
         """Every field that appears in any record (a column missing from some rows is reported per row)."""
@@ -61,7 +56,7 @@ def _is_saved_dataset(path: Path) -> bool:
                               or (path / "dataset_dict.json").exists())
 
 
-def read_jsonl(path: Path) -> RawSplit:
+def load_jsonl(path: Path) -> RawSplit:
     """JSON lines (a .json file may instead hold one JSON array); blank lines are skipped, a broken line names
     its line number."""
     source = str(path)
@@ -111,7 +106,7 @@ def _read_path(path: Path, split: str) -> RawSplit:
         raw.provenance = sidecar_path(path)
         return raw
     if path.suffix in (".jsonl", ".json"):
-        return read_jsonl(path)
+        return load_jsonl(path)
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -166,18 +161,9 @@ def _load_hub(dataset: str, config: str | None, split: str, revision: str | None
         ds = datasets.load_dataset(dataset, config, split=split, revision=revision)
     except Exception as e:  # offline, unknown id, unknown config/split: all reach the user as one line
         raise DataError(source, f"cannot load from the Hugging Face Hub: {type(e).__name__}: "
-                                f"{str(e).splitlines()[0] if str(e) else ''}") from None
+                                f"{first_line(e)}") from None
     raw = _from_datasets(ds, source)
-    raw.provenance = _hub_sidecar(dataset, config, split, revision)
+    raw.provenance = hub_sidecar(dataset, config, split, revision)
     return raw
 
 
-def _hub_sidecar(dataset: str, config: str | None, split: str, revision: str | None) -> Path | None:
-    """The provenance `refdpo score --push_to_hub` uploads beside a split, if the repo has one."""
-    try:
-        from huggingface_hub import hf_hub_download
-
-        name = f"{config}_{split}" if config else split
-        return Path(hf_hub_download(dataset, f"{name}.provenance.json", repo_type="dataset", revision=revision))
-    except Exception:  # no sidecar (most datasets), or offline: nothing to compare
-        return None

@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from refdpo.data.loading import RawSplit
+from refdpo.data.loading import RawSplit, load_split
 from refdpo.data.schema import resolve_ref_columns, validate_records
 from refdpo.data.templates import Encoded, prior_conversation, prior_template, render, tokenize_rendered
 from refdpo.errors import DataError, DataErrors
 
 log = logging.getLogger(__name__)
 ON_TRUNCATED = ("drop", "error")
+UNBOUNDED = 1 << 30  # a max_len or row capacity that never binds
 
 
 @dataclass
@@ -126,3 +127,23 @@ def reference_pairs(raw: RawSplit, tokenizer, template: str, max_len: int, on_tr
               "rejected": prior_conversation(r["rejected"], prior_prefix)} for r in raw.records]
     view = RawSplit(prior, raw.source, raw.line_numbers)
     return build_pairs(view, tokenizer, rendered, max_len, None, on_truncated, validate=False), rendered
+
+
+def load_pairs(spec, split: str, tokenizer, ref_columns: tuple[str, str] | None, limit: int = 0,
+               cache: dict | None = None) -> tuple[RawSplit, PairData]:
+    """Load one split as `spec` (a DataSpec: dataset, config, revision, template, max_len, on_truncated) says,
+    keep its first `limit` records (0: all), validate and tokenise them. Returns the whole split as loaded (its
+    provenance describes all of it) and the pairs. With `cache` (a sweep's, or evaluate's over checkpoints),
+    a split tokenised the same way before, by a tokenizer with the same files, is reused."""
+    from refdpo.provenance import tokenizer_files_fingerprint
+
+    key = (spec.dataset, spec.dataset_config, spec.dataset_revision, split, limit, spec.template, spec.max_len,
+           spec.on_truncated, ref_columns, tokenizer_files_fingerprint(tokenizer))
+    if cache is not None and key in cache:
+        return cache[key]
+    raw = load_split(spec.dataset, split, spec.dataset_config, spec.dataset_revision)
+    data = build_pairs(raw.head(limit), tokenizer, spec.template, spec.max_len, ref_columns, spec.on_truncated)
+    log.info("%s: %d pairs (%s)", data.source, len(data), ", ".join(f"{k} {v}" for k, v in data.stats.items()))
+    if cache is not None:
+        cache[key] = (raw, data)
+    return raw, data

@@ -12,7 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
-from refdpo.errors import RefdpoError
+from refdpo.errors import RefdpoError, first_line
+from refdpo.provenance import hub_sidecar_name
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
@@ -35,7 +36,7 @@ def _table(records: list[dict]):
     try:
         return pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in records])
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        raise RefdpoError(f"cannot store these records as parquet/arrow: {str(e).splitlines()[0]} (a field "
+        raise RefdpoError(f"cannot store these records as parquet/arrow: {first_line(e)} (a field "
                           "with mixed types?); write .jsonl instead") from None
 
 
@@ -100,9 +101,8 @@ def push_to_hub(records: list[dict], repo_id: str, split: str, config_name: str 
         if sidecar is not None and sidecar.exists():
             from huggingface_hub import HfApi
 
-            name = f"{config_name}_{split}" if config_name else split
-            HfApi().upload_file(path_or_fileobj=str(sidecar), path_in_repo=f"{name}.provenance.json",
+            HfApi().upload_file(path_or_fileobj=str(sidecar), path_in_repo=hub_sidecar_name(config_name, split),
                                 repo_id=repo_id, repo_type="dataset")
     except Exception as e:  # auth, network, name: one line for the user; the local output is already written
-        raise RefdpoError(f"--push_to_hub {repo_id}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise RefdpoError(f"--push_to_hub {repo_id}: {type(e).__name__}: {first_line(e)}"
                           " (the local output was written)") from None

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from refdpo.checkpoint import atomic_write_json
 from refdpo.config import check_all, option
 from refdpo.errors import ConfigError
+from refdpo.io import atomic_write_json, read_jsonl, write_jsonl
 from refdpo.testbed import task
 from refdpo.testbed.models import TEMPLATE
 from refdpo.tokenization import save_tokenizer
@@ -163,11 +163,6 @@ def _save(model, tokenizer, folder: Path) -> None:
     tmp.rename(folder)
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-
-
 def _demonstrations(keywords: list, n: int, rng: random.Random, good_fraction: float, dialect: bool = False):
     kws = [rng.choice(keywords) for _ in range(n)]
     return kws, [task.demonstration(k, rng, "good" if rng.random() < good_fraction else "mediocre", dialect)
@@ -190,7 +185,7 @@ def _pairs(model, tokenizer, keywords: list, cfg: DemoConfig, seed: int, split: 
 
 def _score_all(folder: Path, split: str) -> None:
     """`refdpo score` under every reference, one column pair each: raw -> ... -> data/{split}.jsonl."""
-    from refdpo.score import ScoreConfig, score
+    from refdpo.commands.score import ScoreConfig, score
 
     source = folder / "data" / ".stages" / f"{split}.raw.jsonl"
     for i, (name, (model, columns, mode)) in enumerate(REFERENCES.items()):
@@ -235,7 +230,7 @@ def prepare(cfg: DemoConfig, seed: int) -> dict:
     data_stats = {}
     for split, keywords in (("train", train_kw), ("val", heldout_kw)):
         records, data_stats[split] = _pairs(sft, tokenizer, keywords, cfg, seed + (split == "val"), split)
-        _write_jsonl(folder / "data" / ".stages" / f"{split}.raw.jsonl", records)
+        write_jsonl(folder / "data" / ".stages" / f"{split}.raw.jsonl", records)
         _score_all(folder, split)
     shutil.rmtree(folder / "data" / ".stages")
     atomic_write_json(folder / "prompts.json", {"heldout": heldout_kw})
@@ -268,8 +263,8 @@ def _reference_agreement(data: Path) -> dict:
     the reference's) correlates with how much longer the chosen reply is. The loss weights a pair by
     sigma(-beta h), so a positive correlation means training learns mostly from pairs whose chosen reply is the
     shorter one."""
-    val = [json.loads(line) for line in (data / "val.jsonl").read_text().splitlines()]
-    train = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    val = read_jsonl(data / "val.jsonl")
+    train = read_jsonl(data / "train.jsonl")
     truth = np.sign([r["chosen_true_reward"] - r["rejected_true_reward"] for r in val])
     longer = np.array([len(r["chosen"][-1]["content"].split()) - len(r["rejected"][-1]["content"].split())
                        for r in train])
@@ -301,7 +296,7 @@ def measure(cfg: DemoConfig, seed: int, model, tokenizer, sft_rewards: list | No
     greedy = sample(model, tokenizer, heldout, greedy=True, max_tokens=cfg.max_reply_tokens, seed=seed + 7)
     rewards = np.array([reward(k, w, e) for k, w, e in zip(heldout, t1.words, t1.ended)])
     greedy_rewards = [reward(k, w, e) for k, w, e in zip(heldout, greedy.words, greedy.ended)]
-    records = [json.loads(line) for line in (folder / "data" / "val.jsonl").read_text().splitlines()]
+    records = read_jsonl(folder / "data" / "val.jsonl")
     keywords = [r["prompt"].split() for r in records]
     eos = {side: np.array([lp[-1].item() for lp in reply_token_logprobs(model, encoded_batch(
         tokenizer, keywords, [r[side][-1]["content"].split() for r in records]))]) for side in ("chosen", "rejected")}
@@ -326,9 +321,8 @@ def run_one(cfg: DemoConfig, seed: int, family: str, beta: float) -> dict:
     """`refdpo train` one grid point from the SFT model, then measure it; skipped when its eval.json exists."""
     from transformers import LlamaForCausalLM
 
-    from refdpo.config import TrainConfig
-    from refdpo.evaluate import EvalConfig, evaluate
-    from refdpo.train import train
+    from refdpo.commands.evaluate import EvalConfig, evaluate
+    from refdpo.commands.train import TrainConfig, train
 
     folder, seed_folder = run_dir(cfg, seed, family, beta), seed_dir(cfg, seed)
     if (folder / "eval.json").exists():
@@ -364,7 +358,7 @@ def _worker_init() -> None:
     import torch
     import transformers
 
-    from refdpo.runtime import tune_allocator
+    from refdpo.allocator import tune_allocator
 
     tune_allocator()
     torch.set_num_threads(1)

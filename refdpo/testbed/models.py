@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from refdpo.core.logprobs import response_token_logprobs
 from refdpo.data.templates import render, tokenize_rendered
-from refdpo.logprobs import response_token_logprobs
 from refdpo.testbed.task import conversation
 
 TEMPLATE = "model"  # the tokenizer's own chat template (task.CHAT_TEMPLATE)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from refdpo.checkpoint import atomic_write_json, atomic_write_text
+from refdpo.io import atomic_write_json, atomic_write_text
 from refdpo.tables import csv_text
 
 # t(0.975, df) for df = 1..30; beyond, the normal quantile is within 2%.

@@ -16,7 +16,11 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+
+from refdpo.config import check_all, option
+from refdpo.data.templates import DEFAULT_TEMPLATE, TEMPLATES
 
 TOPICS = ["cats", "rivers", "volcanoes", "bicycles", "gardens", "planets", "bridges", "forests", "oceans",
           "trains", "libraries", "mountains", "bees", "clocks", "kites", "deserts", "castles", "robots",
@@ -120,23 +124,51 @@ def tiny_llama(tokenizer, hidden: int = 64, layers: int = 2, heads: int = 4, kv_
     return LlamaForCausalLM(config)
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+@dataclass
+class TinyConfig:
+    """`refdpo tiny`: what to build (the model's size defaults to ~0.1M parameters)."""
+
+    out: str = option("", "folder to create")
+    train_pairs: int = option(1024, "training pairs")
+    val_pairs: int = option(256, "validation pairs")
+    seed: int = option(0, "random seed (pairs, tokenizer corpus, initialisation)")
+    template: str = option(DEFAULT_TEMPLATE, f"chat format the pairs are scored in: {' | '.join(TEMPLATES)}")
+    max_len: int = option(512, "tokens per sequence when scoring")
+    force: bool = option(False, "rebuild even if OUT is complete")
+    hidden: int = option(64, "model width (--hidden 1024 --layers 24 --heads 16 --kv_heads 8 --intermediate 5504 "
+                             "--vocab_size 32000: ~0.5B parameters)")
+    layers: int = option(2, "decoder layers")
+    heads: int = option(4, "attention heads")
+    kv_heads: int = option(2, "key/value heads")
+    intermediate: int = option(0, "MLP width (0: 2 x hidden)")
+    vocab_size: int = option(0, "embedding rows (0: the tokenizer's size)")
+
+    def validate(self) -> TinyConfig:
+        check_all([(bool(self.out), "--out is required"),
+                   (self.template in TEMPLATES, f"--template must be one of {', '.join(TEMPLATES)}"),
+                   (min(self.train_pairs, self.val_pairs, self.max_len, self.hidden, self.layers) >= 1,
+                    "--train_pairs, --val_pairs, --max_len, --hidden and --layers must be >= 1")])
+        return self
+
+    @property
+    def model_size(self) -> dict:
+        return dict(hidden=self.hidden, layers=self.layers, heads=self.heads, kv_heads=self.kv_heads,
+                    intermediate=self.intermediate, vocab_size=self.vocab_size)
 
 
-def build_tiny(out: str | Path, train_pairs: int = 1024, val_pairs: int = 256, seed: int = 0,
-               template: str = "tulu", max_len: int = 512, force: bool = False,
-               model_size: dict | None = None) -> Path:
+def build_tiny(out: str | Path, **settings) -> Path:
     """Write out/model (tokenizer + random-init tiny Llama) and out/data/{train,val}.jsonl scored by that
-    model as its own reference with `refdpo score` (so with provenance). `tiny.json`, written last, marks the
-    folder complete; an incomplete one is rebuilt."""
-    from refdpo.score import ScoreConfig, score
+    model as its own reference with `refdpo score` (so with provenance); `settings`: TinyConfig's fields.
+    `tiny.json`, written last, marks the folder complete; an incomplete one is rebuilt."""
+    from refdpo.commands.score import ScoreConfig, score
+    from refdpo.io import write_jsonl
     from refdpo.tokenization import save_tokenizer
 
+    cfg = TinyConfig(out=str(out), **settings).validate()
+    train_pairs, val_pairs, seed, template, max_len = cfg.train_pairs, cfg.val_pairs, cfg.seed, cfg.template, \
+        cfg.max_len
     out = Path(out)
-    if (out / "tiny.json").exists() and not force:
+    if (out / "tiny.json").exists() and not cfg.force:
         return out
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -144,11 +176,11 @@ def build_tiny(out: str | Path, train_pairs: int = 1024, val_pairs: int = 256, s
 
     splits = {"train": synthetic_pairs(train_pairs, seed), "val": synthetic_pairs(val_pairs, seed + 10_000)}
     tokenizer = train_tokenizer(corpus(splits["train"]))
-    model = tiny_llama(tokenizer, seed=seed, **(model_size or {}))
+    model = tiny_llama(tokenizer, seed=seed, **cfg.model_size)
     model.save_pretrained(tmp / "model")
     save_tokenizer(tokenizer, tmp / "model")
     for name, records in splits.items():
-        _write_jsonl(tmp / "raw" / f"{name}.jsonl", records)
+        write_jsonl(tmp / "raw" / f"{name}.jsonl", records)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -160,6 +192,6 @@ def build_tiny(out: str | Path, train_pairs: int = 1024, val_pairs: int = 256, s
     (out / "tiny.json").write_text(json.dumps({"train_pairs": train_pairs, "val_pairs": val_pairs, "seed": seed,
                                                "template": template, "max_len": max_len,
                                                "parameters": sum(p.numel() for p in model.parameters()),
-                                               "model_size": model_size or {},
+                                               "model_size": cfg.model_size,
                                                "reference": "model (the initial policy)"}, indent=2))
     return out

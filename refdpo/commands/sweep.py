@@ -18,16 +18,20 @@ but no summary is resumed from it; so a killed sweep, started again, continues w
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 
-from refdpo.checkpoint import atomic_write_json, resolve
-from refdpo.config import TrainConfig, coerce_fields, load_yaml
+from refdpo.checkpoint import resolve
+from refdpo.commands.evaluate import TABLE_COLUMNS, EvalConfig, evaluate
+from refdpo.commands.train import TrainConfig
+from refdpo.config import check_all, coerce_fields, load_yaml, option
 from refdpo.errors import ConfigError
-from refdpo.evaluate import TABLE_COLUMNS, EvalConfig, evaluate
+from refdpo.io import atomic_write_json
 from refdpo.tables import write_tables
 
 log = logging.getLogger(__name__)
@@ -48,7 +52,7 @@ def load_grid(path: str | Path) -> dict:
         for key, values in grid.items():
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{path}: grid field '{key}' must be a non-empty list")
-        coerce_fields({k: v[0] for k, v in grid.items()} | dict(spec.get("set") or {}), str(path))
+        coerce_fields({k: v[0] for k, v in grid.items()} | dict(spec.get("set") or {}), str(path), TrainConfig)
     if not spec.get("out"):
         raise ConfigError(f"{path}: 'out' (the sweep folder) is required")
     return {**spec, "grid": grids}
@@ -65,8 +69,8 @@ def runs(spec: dict) -> list[tuple[str, dict]]:
 
 
 def run_config(spec: dict, name: str, overrides: dict) -> TrainConfig:
-    base = coerce_fields(load_yaml(spec["base"]), spec["base"]) if spec.get("base") else {}
-    values = {**base, **coerce_fields(overrides, name), "output_dir": str(Path(spec["out"]) / name)}
+    base = coerce_fields(load_yaml(spec["base"]), spec["base"], TrainConfig) if spec.get("base") else {}
+    values = {**base, **coerce_fields(overrides, name, TrainConfig), "output_dir": str(Path(spec["out"]) / name)}
     return TrainConfig(**values).validate()
 
 
@@ -81,9 +85,27 @@ def dry_run(spec: dict) -> list[str]:
     return commands
 
 
+@dataclass
+class SweepConfig:
+    grid: str = option("", "grid YAML (see configs/sweeps/)")
+    dry_run: bool = option(False, "print one `accelerate launch` command per run instead of running")
+
+    def validate(self) -> SweepConfig:
+        check_all([(bool(self.grid), "--grid is required")])
+        return self
+
+
+def evaluation_config(cfg: TrainConfig, model: str, split: str) -> EvalConfig:
+    """How a run's best checkpoint is evaluated: every setting the two configs share, as the run trained
+    (revision, tokenizer, template, objective, layout, ...), with the run's evaluation batch and pairs."""
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(EvalConfig) if hasattr(cfg, f.name)}
+    return EvalConfig(**{**shared, "model": model, "split": split, "batch_size": cfg.eval_batch_size or
+                         cfg.batch_size, "max_pairs": cfg.max_val_pairs, "out": ""}).validate()
+
+
 def sweep(spec: dict) -> list[dict]:
     """Train (or resume, or skip) every run, evaluate each best checkpoint, write the results table."""
-    from refdpo.train import train
+    from refdpo.commands.train import train
 
     out, rows, data_cache, grid = Path(spec["out"]), [], {}, runs(spec)
     for k, (name, overrides) in enumerate(grid, start=1):
@@ -110,13 +132,7 @@ def _result_row(spec: dict, name: str, overrides: dict, cfg: TrainConfig, summar
     if cached.exists():
         metrics = json.loads(cached.read_text())
     else:
-        evaluated = EvalConfig(model=best, dataset=cfg.dataset, dataset_config=cfg.dataset_config,
-                               dataset_revision=cfg.dataset_revision, template=cfg.template, max_len=cfg.max_len,
-                               split=spec.get("evaluate_split", cfg.val_split), loss=cfg.loss, beta=cfg.beta,
-                               ref_free=cfg.ref_free, label_smoothing=cfg.label_smoothing,
-                               simpo_gamma=cfg.simpo_gamma, ref_columns=cfg.ref_columns,
-                               batch_size=cfg.eval_batch_size or cfg.batch_size,
-                               max_pairs=cfg.max_val_pairs).validate()
+        evaluated = evaluation_config(cfg, best, spec.get("evaluate_split", cfg.val_split))
         metrics = {k: v for k, v in evaluate(evaluated)[0].items() if k in TABLE_COLUMNS}
         atomic_write_json(cached, metrics)
     row = {"run": name, **overrides, "best_step": summary["best_step"], **{f"val_{k}": v for k, v in metrics.items()}}
@@ -127,7 +143,7 @@ def _result_row(spec: dict, name: str, overrides: dict, cfg: TrainConfig, summar
 
 def _generate_row(spec: dict, run_dir: Path, best: str, template: str) -> dict:
     """Outputs of the best checkpoint (once), their length and degeneration counts, and the judge's win rate."""
-    from refdpo.generate import GenerateConfig, generate
+    from refdpo.commands.generate import GenerateConfig, generate
 
     outputs = run_dir / "outputs.json"
     stats_path = run_dir / "outputs.stats.json"
@@ -138,7 +154,7 @@ def _generate_row(spec: dict, run_dir: Path, best: str, template: str) -> dict:
     stats = json.loads(stats_path.read_text())
     row = {"length_mean": stats["length_tokens"]["mean"], "degenerate": stats["degenerate"]}
     if spec.get("judge"):
-        from refdpo.judge import JudgeConfig, judge
+        from refdpo.commands.judge import JudgeConfig, judge
 
         judged = judge(JudgeConfig(outputs=str(outputs), out=str(run_dir / "judge")).validate())[0]
         row["lc_win_rate"] = judged.get("length_controlled_winrate")

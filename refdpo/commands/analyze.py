@@ -21,15 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from refdpo.checkpoint import model_path
 from refdpo.config import DataSpec, ModelSpec, check_all, option
-from refdpo.data import PairData, build_pairs, collate_pairs, load_split, to_device
+from refdpo.core.logprobs import TokenLogprobs, token_logprobs
+from refdpo.data import PairData, load_pairs
 from refdpo.data.templates import check_template
 from refdpo.errors import ConfigError
-from refdpo.logprobs import prediction_mask, response_token_logprobs
-from refdpo.modeling import input_device, load_frozen, pad_token_id
+from refdpo.modeling import default_device, load_frozen, pad_token_id
 from refdpo.provenance import tokenizer_fingerprint
 from refdpo.tables import write_tables
 from refdpo.tokenization import load_tokenizer
@@ -55,39 +54,8 @@ class AnalyzeConfig(DataSpec, ModelSpec):
         return self
 
 
-@dataclass
-class TokenLogprobs:
-    """Every response position of a split: its target token, log-prob, side and pair, and whether it is the
-    sequence's end token (the last response token of an untruncated sequence)."""
-
-    targets: np.ndarray  # int64 [M]
-    logprobs: np.ndarray  # float64 [M]
-    side: np.ndarray  # int8 [M]: 0 chosen, 1 rejected
-    pair: np.ndarray  # int64 [M]
-    is_end: np.ndarray  # bool [M]
 
 
-@torch.inference_mode()
-def token_logprobs(model: torch.nn.Module, data: PairData, pad_id: int, batch_size: int = 8,
-                   desc: str = "log-probs") -> TokenLogprobs:
-    device = input_device(model)
-    parts: dict[str, list] = {k: [] for k in ("targets", "logprobs", "side", "pair", "is_end")}
-    for lo in tqdm(range(0, len(data), batch_size), desc=desc, dynamic_ncols=True, leave=False):
-        idx = np.arange(lo, min(lo + batch_size, len(data)))
-        b = to_device(collate_pairs(data, idx, np.ones(len(idx)), pad_id), device)
-        lp = response_token_logprobs(model, b["input_ids"], b["attention_mask"], b["position_ids"],
-                                     b["response_start"], b["lengths"])
-        mask = prediction_mask(b["response_start"], b["lengths"], b["input_ids"].shape[1])
-        rows, cols = mask.nonzero(as_tuple=True)
-        n = len(idx)
-        seqs = [data.chosen[i] for i in idx] + [data.rejected[i] for i in idx]
-        untruncated = torch.tensor([s.full_length == len(s.input_ids) for s in seqs], device=device)
-        parts["targets"].append(b["input_ids"].roll(-1, dims=1)[rows, cols].cpu().numpy())
-        parts["logprobs"].append(lp[rows, cols].double().cpu().numpy())
-        parts["side"].append((rows >= n).to(torch.int8).cpu().numpy())
-        parts["pair"].append(idx[(rows % n).cpu().numpy()])
-        parts["is_end"].append(((cols == b["lengths"][rows] - 2) & untruncated[rows]).cpu().numpy())
-    return TokenLogprobs(**{k: np.concatenate(v) for k, v in parts.items()})
 
 
 def per_token_means(diff: np.ndarray, targets: np.ndarray, vocab: int) -> tuple[np.ndarray, np.ndarray]:
@@ -201,13 +169,10 @@ def _plot(result: dict, token_rows, hist_rows, top_rows, out: Path) -> None:
 
 def analyze(cfg: AnalyzeConfig) -> dict:
     """Load the reference and every policy in --model (comma-separated) and write the analysis to --out."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.reference, cfg.revision, cfg.trust_remote_code)
     check_template(cfg.template, tokenizer)
-    raw = load_split(cfg.dataset, cfg.split, cfg.dataset_config, cfg.dataset_revision)
-    if cfg.max_pairs:
-        raw.records = raw.records[:cfg.max_pairs]
-    data = build_pairs(raw, tokenizer, cfg.template, cfg.max_len, None, cfg.on_truncated)
+    _, data = load_pairs(cfg, cfg.split, tokenizer, None, cfg.max_pairs)
     names = [m.strip() for m in cfg.model.split(",") if m.strip()]
     for name in names:  # per-token differences need one vocabulary
         theirs = load_tokenizer(model_path(name), cfg.revision, cfg.trust_remote_code)

@@ -1,9 +1,4 @@
-"""Response log-probabilities: log p(y|x) = sum over response tokens of log_softmax(logits)[token].
-
-Token log-probs are computed in float32 and summed in float64: a 2,000-token reply sums to thousands of nats,
-where float32 can only resolve about 2e-4, more than the 1e-4 nats the sums must agree with float64 to.
-
-The one implementation every command uses (training, evaluation, scoring references, analysis).
+"""The LM head, tiled: log_softmax(h @ W.T)[target] for the positions that predict a response token only.
 
 Memory. Full logits for a DPO batch are [2B, T, V]: 4 x 2048 x 128k float32 is 4.2 GB, paid again for the
 log-softmax and its gradient. Here only the positions that predict a response token go through the LM head,
@@ -14,37 +9,28 @@ through its softmax and both gradient matmuls (`tile_shape`).
 
 How the head is reached. The model runs its own forward (so DDP, FSDP and DeepSpeed ZeRO-3 gather and release
 parameters exactly as usual); for the duration of the call the output head's `forward` is redirected to the
-chunked computation, which receives the final hidden states and the head's (gathered) weight. Architectures
+tiled computation, which receives the final hidden states and the head's (gathered) weight. Architectures
 that post-process logits after the head (Gemma soft-capping, Cohere/Granite/Falcon-H1 scaling) are handled;
-`head_matches_model` checks the redirected head against the model's own logits, and callers fall back to the
-model's logits (`fused=False`, still chunked in float32) if they ever disagree.
+`core.verify.head_matches_model` checks the redirected head against the model's own logits, and callers fall
+back to the model's logits (`fused=False`) if they ever disagree.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 CHUNK_ELEMENTS = 1 << 24  # logits per tile on GPU and per chunk of the fallback path: 64 MiB of float32
+
+
 # On CPU a 2 MiB tile stays in L2 cache from its matmul through the softmax to the two backward matmuls; a
 # 64 MiB chunk goes to memory and back between each (1.6x the full path's time at V=128k, against 1.1x).
 CPU_TILE_ELEMENTS = 1 << 19
+
+
 MIN_TILE_ROWS = 1024  # the rows are the inner dimension of the weight-gradient matmul: keep it large
-
-
-def prediction_mask(response_start: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:
-    """[N, T] bool: position p is selected when it predicts a response token, i.e. start-1 <= p < length-1."""
-    positions = torch.arange(width, device=response_start.device)
-    return (positions >= (response_start - 1).unsqueeze(1)) & (positions < (lengths - 1).unsqueeze(1))
-
-
-def _chunk_rows(vocab: int, chunk_elements: int | None) -> int:
-    return max(1, (chunk_elements or CHUNK_ELEMENTS) // vocab)
 
 
 def tile_shape(rows: int, vocab: int, device: torch.device, chunk_elements: int | None = None) -> tuple[int, int]:
@@ -170,7 +156,7 @@ def chunked_target_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets:
                                        _compute_dtype(hidden))
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     from accelerate.utils import extract_model_from_parallel
 
     return extract_model_from_parallel(model)
@@ -178,7 +164,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def head_transform(model: torch.nn.Module) -> tuple[float, float | None]:
     """(scale, softcap) that the architecture applies to the head's output before the softmax."""
-    base = _unwrap(model)
+    base = unwrap(model)
     config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
     scale = 1.0
     logit_scale = getattr(base, "logit_scale", None)  # Cohere multiplies by it
@@ -195,10 +181,10 @@ def head_transform(model: torch.nn.Module) -> tuple[float, float | None]:
 
 
 @contextlib.contextmanager
-def _redirect_head(model: torch.nn.Module, compute):
+def redirect_head(model: torch.nn.Module, compute):
     """Within the block, calling the output head runs `compute(head, hidden)`; its result is captured after
     every other forward hook (ZeRO-3 attaches its backward hooks there), so yield a dict to read it from."""
-    head = _unwrap(model).get_output_embeddings()
+    head = unwrap(model).get_output_embeddings()
     captured: dict = {}
     own_forward = head.__dict__.get("forward")
     head.forward = lambda hidden: compute(head, hidden)
@@ -213,136 +199,8 @@ def _redirect_head(model: torch.nn.Module, compute):
             head.forward = own_forward
 
 
-def _fused_ok(model: torch.nn.Module) -> bool:
-    head = _unwrap(model).get_output_embeddings()
+def redirectable(model: torch.nn.Module) -> bool:
+    head = unwrap(model).get_output_embeddings()
     # A plain Linear, also when FSDP2 has made its class a subclass (FSDPLinear); a LoRA or quantised head
     # computes more than weight @ h, which its own forward says.
     return isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward
-
-
-def token_logprobs_at(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      position_ids: torch.Tensor, flat_index: torch.Tensor, targets: torch.Tensor,
-                      fused: bool = True, chunk_elements: int | None = None) -> torch.Tensor:
-    """float32 [M]: for each m, log p(targets[m]) predicted at flat position flat_index[m] of the [N, T] batch.
-
-    The general form: a position may predict several targets (a prompt shared by two responses predicts the
-    first token of each), and `attention_mask` may be a custom 4D mask [N, 1, T, T] (see collate_shared)."""
-    call = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    if fused and _fused_ok(model):
-        scale, softcap = head_transform(model)
-
-        def compute(head, hidden):
-            # Under a device map the head may sit on another device than the last layer.
-            device = head.weight.device
-            rows = hidden.reshape(-1, hidden.shape[-1]).to(device)[flat_index.to(device)]
-            return chunked_target_logprobs(rows, head.weight, targets.to(device), head.bias, scale, softcap,
-                                           chunk_elements)
-
-        with _redirect_head(model, compute) as captured:
-            model(**call)
-        if "out" not in captured:
-            raise RuntimeError(f"{type(_unwrap(model)).__name__}'s forward never called its output embeddings; "
-                               "use fused=False")
-        return captured["out"].to(input_ids.device)
-    logits = model(**call).logits
-    rows = logits.reshape(-1, logits.shape[-1])[flat_index.to(logits.device)]
-    return _chunked_log_softmax_gather(rows, targets.to(logits.device), chunk_elements).to(input_ids.device)
-
-
-def response_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                            position_ids: torch.Tensor, response_start: torch.Tensor, lengths: torch.Tensor,
-                            fused: bool = True, chunk_elements: int | None = None) -> torch.Tensor:
-    """[N, T] float32: at position p, log p(input_ids[p+1] | input_ids[:p+1]) where that token belongs to the
-    response (span [response_start, length)), 0 elsewhere. Summing over T gives the sequence log-prob."""
-    mask = prediction_mask(response_start, lengths, input_ids.shape[1])
-    flat_index = mask.reshape(-1).nonzero().squeeze(1)
-    targets = input_ids.roll(-1, dims=1)[mask]
-    token_lp = token_logprobs_at(model, input_ids, attention_mask, position_ids, flat_index, targets, fused,
-                                 chunk_elements)
-    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, token_lp)
-
-
-def _gather_logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = logits.float()
-    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=1)
-
-
-def _chunked_log_softmax_gather(logits: torch.Tensor, targets: torch.Tensor,
-                                chunk_elements: int | None) -> torch.Tensor:
-    """The fallback path: the model's own logits [M, V], normalised in float32 one checkpointed chunk at a time."""
-    rows = _chunk_rows(logits.shape[1], chunk_elements)
-    parts = []
-    for lo in range(0, logits.shape[0], rows):
-        args = (logits[lo:lo + rows], targets[lo:lo + rows])
-        parts.append(checkpoint(_gather_logprob, *args, use_reentrant=False) if logits.requires_grad
-                     else _gather_logprob(*args))
-    return torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32)
-
-
-def sequence_logprobs(model: torch.nn.Module, batch: dict, fused: bool = True,
-                      chunk_elements: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs [N] (float64 sums of float32 token log-probs) and response token counts [N],
-    from a padded batch (collate_pairs) or a packed one (collate_packed: it carries flat_index/segment)."""
-    counts = (batch["lengths"] - batch["response_start"]).clamp(min=0)
-    if "segment" in batch:
-        token_lp = token_logprobs_at(model, batch["input_ids"], batch.get("attention_mask"), batch["position_ids"],
-                                     batch["flat_index"], batch["targets"], fused, chunk_elements)
-        sums = torch.zeros(len(counts), dtype=torch.float64, device=token_lp.device)
-        return sums.index_add(0, batch["segment"], token_lp.double()), counts
-    token_lp = response_token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
-                                       batch["response_start"], batch["lengths"], fused, chunk_elements)
-    return token_lp.sum(dim=1, dtype=torch.float64), counts
-
-
-# Two computations of the same summed log-probs (two layouts, two heads) differ by rounding alone within
-# AGREE_ATOL nats, growing with the sums past 100 nats; in bfloat16/float16 (weights, autocast, or an FSDP2/ZeRO-3
-# bf16 policy) LOW_PRECISION_FACTOR times that. Measured on an H200, 0.5B random Llama, sums of ~400 nats: layouts
-# differed by up to 0.037 nats in bf16 (float32 tolerance there: 0.004; bf16: 0.13). A layout or head that is
-# actually wrong (sequences seeing each other, a missed logit transform) is off by nats.
-AGREE_ATOL = 1e-3
-LOW_PRECISION_FACTOR = 32
-
-
-def low_precision(model: torch.nn.Module) -> bool:
-    """Are the model's weights in bfloat16/float16? (Mixed precision is the caller's to say.)"""
-    return next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
-
-
-def agreement_tolerance(largest: float, low_precision: bool) -> float:
-    """Tolerance in nats for comparing summed log-probs whose largest magnitude is `largest` (see AGREE_ATOL)."""
-    return AGREE_ATOL * max(1.0, largest / 100) * (LOW_PRECISION_FACTOR if low_precision else 1)
-
-
-@torch.no_grad()
-def head_matches_model(model: torch.nn.Module, batch: dict, low_precision_compute: bool | None = None
-                       ) -> tuple[bool, float]:
-    """Does the redirected head give the model's own log-probs on `batch`? Returns (ok, max abs difference);
-    an architecture the redirection cannot handle at all is (False, inf), with the reason logged.
-    `low_precision_compute`: the model computes in bf16/fp16 (default: its weights' dtype says)."""
-    if not _fused_ok(model):
-        return False, math.inf
-    was_training = model.training
-    model.eval()  # dropout would make the two forwards differ
-    plain = sequence_logprobs(model, batch, fused=False)[0]
-    try:
-        fused = sequence_logprobs(model, batch, fused=True)[0]
-    except Exception as e:  # any failure of the redirection means: use the model's own logits
-        logging.getLogger(__name__).warning("chunked LM head unusable for this model: %s", e)
-        return False, math.inf
-    finally:
-        model.train(was_training)
-    diff = (fused - plain).abs().max().item() if fused.numel() else 0.0
-    low = low_precision(model) if low_precision_compute is None else low_precision_compute
-    return diff <= agreement_tolerance(plain.abs().max().item() if plain.numel() else 0.0, low), diff
-
-
-def reference_logprobs_float64(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """The plain computation every optimisation is checked against: full float64 logits, log_softmax, gather.
-
-    `model` must already be in float64. For tests and checks on small inputs only."""
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], use_cache=False).logits.double()
-        logp = F.log_softmax(logits[:, :-1], dim=-1).gather(2, batch["input_ids"][:, 1:, None]).squeeze(2)
-        mask = prediction_mask(batch["response_start"], batch["lengths"], batch["input_ids"].shape[1])[:, :-1]
-        return (logp * mask).sum(dim=1)

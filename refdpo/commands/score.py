@@ -10,7 +10,7 @@ How it is fast:
   - pairs sorted by length into batches of at most `batch_tokens` padded tokens (little padding), longest
     first (an out-of-memory error shows in the first seconds, not after hours);
   - a pair's prompt is computed once: [prompt | chosen | rejected] in one row with a mask that keeps the two
-    responses apart (collate_shared), checked at start-up against the plain layout on real pairs;
+    responses apart (collate_packed with a custom mask), checked at start-up against the plain layout on real pairs;
   - each process of `accelerate launch` takes every n-th block of batches; `--device_map auto` spreads one
     large reference over all GPUs; `--backend vllm` scores with vLLM's prompt log-probs.
 
@@ -28,37 +28,33 @@ import json
 import logging
 import shutil
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from refdpo import __version__, shards
 from refdpo import provenance as prov
+from refdpo.commands import score_job as shards
 from refdpo.config import DataSpec, InferenceSpec, ModelSpec, check_all, option
+from refdpo.core.logprobs import sequence_logprobs
+from refdpo.core.verify import agrees, head_matches_model, low_precision
 from refdpo.data import (
     PairData,
     RawSplit,
+    collate_packed,
     collate_pairs,
     load_split,
     parse_ref_columns,
     to_device,
 )
-from refdpo.data.collate import collate_shared, shares_prompt
+from refdpo.data.collate import shares_prompt
 from refdpo.data.pairs import reference_pairs
+from refdpo.data.schema import DEFAULT_REF_COLUMNS
 from refdpo.data.templates import PRIOR_PREFIXES, check_template
 from refdpo.data.writing import check_writable, output_format, push_to_hub, write_records
 from refdpo.engine import ENGINES, requested_engine, start_processes
 from refdpo.errors import ConfigError, RefdpoError
-from refdpo.logprobs import (
-    agreement_tolerance,
-    head_matches_model,
-    low_precision,
-    sequence_logprobs,
-    token_logprobs_at,
-)
 from refdpo.modeling import (
     custom_mask_problem,
     inference_dtype,
@@ -72,14 +68,14 @@ from refdpo.tokenization import load_tokenizer
 
 log = logging.getLogger(__name__)
 MODES = ("conditional", "prior")
-PAD_MULTIPLE = 8  # collate_pairs/collate_shared pad widths to a multiple of 8
+PAD_MULTIPLE = 8  # collate_pairs/collate_packed pad widths to a multiple of 8
 
 
 @dataclass
 class ScoreConfig(InferenceSpec, DataSpec, ModelSpec):
     split: str = option("train", "split name, or a path to its file")
     out: str = option("", "output: a .jsonl or .parquet file, or a folder (save_to_disk)")
-    columns: str = option("chosen_logprob,rejected_logprob", "names of the two columns to write CHOSEN,REJECTED "
+    columns: str = option(",".join(DEFAULT_REF_COLUMNS), "names of the two columns to write CHOSEN,REJECTED "
                                                          "(several references can live in one dataset)")
     mode: str = option("conditional", "conditional: log p(y|x); prior: log p(y), the prompt replaced by --prior_prefix")
     prior_prefix: str = option("empty_user", f"what precedes y in prior mode: {' | '.join(PRIOR_PREFIXES)}")
@@ -148,18 +144,13 @@ def plan_batches(data: PairData, batch_tokens: int, max_batch_pairs: int, share:
 @torch.inference_mode()
 def score_batch(model: torch.nn.Module, data: PairData, indices: list, shared: bool, pad_id: int,
                 fused: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Summed response log-probs (chosen, rejected) float64 for the pairs `indices`."""
+    """Summed response log-probs (chosen, rejected) float64 for the pairs `indices`. `shared`: one row per pair,
+    [prompt | chosen | rejected], the prompt computed once (collate_packed with a custom mask, a row each)."""
     device, n = input_device(model), len(indices)
-    if shared:
-        batch = to_device(collate_shared(data, indices, pad_id, mask_dtype(model)), device)
-        token_lp = token_logprobs_at(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
-                                     batch["flat_index"], batch["targets"], fused)
-        sums = torch.zeros(2 * n, dtype=torch.float64, device=device).index_add_(0, batch["segment"],
-                                                                                  token_lp.double())
-    else:
-        batch = to_device(collate_pairs(data, np.asarray(indices), np.ones(n), pad_id), device)
-        sums = sequence_logprobs(model, batch, fused)[0]
-    sums = sums.cpu().numpy()
+    indices, ones = np.asarray(indices), np.ones(n)
+    batch = collate_packed(data, indices, ones, pad_id, capacity=1, mask_dtype=mask_dtype(model)) if shared \
+        else collate_pairs(data, indices, ones, pad_id)
+    sums = sequence_logprobs(model, to_device(batch, device), fused)[0].cpu().numpy()
     return sums[:n], sums[n:]
 
 
@@ -177,7 +168,7 @@ def _sharing_possible(model: torch.nn.Module, data: PairData) -> str | None:
 def decide_layout(model: torch.nn.Module, data: PairData, pad_id: int, share_prompt: bool = True,
                   probe_pairs: int = 1) -> tuple[bool, bool]:
     """(fused head?, shared prompt?): each optimisation is used only if it reproduces the plain computation on
-    real pairs of this data (logprobs.agreement_tolerance); otherwise the reason is logged."""
+    real pairs of this data (core/verify.py); otherwise the reason is logged."""
     device = input_device(model)
     k = min(len(data), probe_pairs)
     first = to_device(collate_pairs(data, np.arange(k), np.ones(k), pad_id), device)
@@ -191,8 +182,8 @@ def decide_layout(model: torch.nn.Module, data: PairData, pad_id: int, share_pro
         probe = [i for i in range(min(len(data), 256)) if shares_prompt(data, i)][:probe_pairs]
         plain = np.concatenate(score_batch(model, data, probe, False, pad_id, fused))
         packed = np.concatenate(score_batch(model, data, probe, True, pad_id, fused))
-        diff = float(np.max(np.abs(plain - packed)))
-        if not diff <= agreement_tolerance(float(np.max(np.abs(plain))), low_precision(model)):
+        ok, diff = agrees(plain, packed, low_precision(model))
+        if not ok:
             reason = f"it differs from the plain layout by {diff:.2g} nats on this model"
     if reason is not None:
         log.warning("scoring chosen and rejected without sharing the prompt: %s", reason)
@@ -318,7 +309,7 @@ def score(cfg: ScoreConfig) -> dict:
     records = [{**raw.records[row], columns[0]: float(chosen[row]), columns[1]: float(rejected[row])}
                for row in np.sort(data.rows).tolist()]
     write_records(records, out)
-    entry = _provenance_entry(cfg, model, tokenizer, rendered, raw, data, weights, dtype_name, manifest, coverage)
+    entry = prov.reference_entry(cfg, model, tokenizer, rendered, raw, data, weights, dtype_name, manifest, coverage)
     sidecar = _write_provenance(out, raw, records, columns, entry)
     shutil.rmtree(parts, ignore_errors=True)
     if cfg.push_to_hub:
@@ -342,26 +333,3 @@ def _write_provenance(out: Path, raw: RawSplit, records: list[dict], columns: tu
     return sidecar
 
 
-def _provenance_entry(cfg: ScoreConfig, model, tokenizer, rendered: str, raw: RawSplit, data: PairData,
-                      weights: str | None, dtype: str, manifest: dict, coverage: dict) -> dict:
-    local = Path(cfg.model).exists()
-    prior = cfg.mode == "prior"
-    return {
-        "columns": list(parse_ref_columns(cfg.columns)), "refdpo_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": cfg.model, "model_path": str(Path(cfg.model).resolve()) if local else None,
-        "revision": cfg.revision, "commit": getattr(getattr(model, "config", None), "_commit_hash", None),
-        "weights_sha256": weights, "dtype": dtype, "backend": cfg.backend, "device_map": cfg.device_map,
-        "tokenizer": cfg.tokenizer or cfg.model, "tokenizer_sha256": prov.tokenizer_fingerprint(tokenizer),
-        "tokenizer_files_sha256": prov.tokenizer_files_fingerprint(tokenizer),
-        "tokenizer_versions": prov.tokenizer_versions(),
-        "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
-        "template": cfg.template, "insert_eos": cfg.template == "zephyr",
-        "template_sha256": prov.template_fingerprint(rendered, tokenizer, cfg.prior_prefix if prior else None),
-        "mode": cfg.mode, "prior_prefix": cfg.prior_prefix if prior else None,
-        "max_len": cfg.max_len, "on_truncated": cfg.on_truncated,
-        "dataset": cfg.dataset, "dataset_config": cfg.dataset_config, "split": cfg.split, "source": raw.source,
-        "rows_in": len(raw), "rows_out": len(data), **{k: data.stats[k] for k in (
-            "dropped_truncated", "partially_truncated", "boundary_merges")},
-        "coverage": coverage, "layout": {"fused_head": manifest["fused"], "shared_prompt": manifest["share"]},
-    }

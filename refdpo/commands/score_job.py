@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from refdpo.checkpoint import atomic_write_json
 from refdpo.data import PairData
 from refdpo.errors import ConfigError, RefdpoError
+from refdpo.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 

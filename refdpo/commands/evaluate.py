@@ -1,5 +1,5 @@
-"""Policy log-probs + objective on pairs: the forward shared by training and evaluation, a full eval pass, and
-`refdpo evaluate` (one table of validation metrics over several checkpoints).
+"""`refdpo evaluate`: one table of validation metrics over several checkpoints (the pass itself is
+core/forward.py's `evaluate_pairs`, the one training uses).
 
 Validation metrics are those of the paper: the DPO loss on the validation split (used to pick the best
 checkpoint), reward accuracy and policy accuracy (Table 2), margins, mean log-probs and response lengths.
@@ -8,7 +8,6 @@ checkpoint), reward accuracy and policy accuracy (Table 2), margins, mean log-pr
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,58 +15,15 @@ import numpy as np
 import torch
 
 from refdpo.checkpoint import model_path
-from refdpo.config import DataSpec, LayoutSpec, ModelSpec, ObjectiveSpec, check_all, option
-from refdpo.data import (
-    PairData,
-    build_pairs,
-    collate_pairs,
-    eval_batches,
-    load_split,
-    parse_ref_columns,
-    to_device,
-)
+from refdpo.config import WEIGHT_DTYPES, DataSpec, LayoutSpec, ModelSpec, ObjectiveSpec, check_all, option
+from refdpo.core.forward import evaluate_pairs
+from refdpo.core.verify import choose_collate, head_matches_model
+from refdpo.data import collate_pairs, load_pairs, parse_ref_columns, to_device
 from refdpo.data.templates import check_template
 from refdpo.engine import start_processes
-from refdpo.layout import choose_collate
-from refdpo.logprobs import head_matches_model, sequence_logprobs
-from refdpo.metrics import PairStats
 from refdpo.modeling import load_frozen, pad_token_id, reset_accelerate_state
-from refdpo.objectives import Objective
 from refdpo.tables import markdown, write_tables
 from refdpo.tokenization import load_tokenizer
-
-
-def forward_pairs(model, batch: dict, objective: Objective, fused: bool = True) -> dict[str, torch.Tensor]:
-    """One forward over the [chosen; rejected] batch -> per-pair losses, rewards, log-probs and lengths [B].
-
-    Everything after the token log-probs is float64: sequence log-probs are sums of up to thousands of nats,
-    and the loss depends on small differences between them and the stored reference's."""
-    logps, lengths = sequence_logprobs(model, batch, fused=fused)
-    n = batch["weights"].shape[0]
-    policy_chosen, policy_rejected = logps[:n], logps[n:]
-    chosen_length, rejected_length = lengths[:n], lengths[n:]
-    losses, chosen_rewards, rejected_rewards = objective(policy_chosen, policy_rejected, batch["ref_chosen"],
-                                                         batch["ref_rejected"], chosen_length, rejected_length)
-    return {"losses": losses, "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
-            "policy_chosen": policy_chosen.detach(), "policy_rejected": policy_rejected.detach(),
-            "chosen_length": chosen_length, "rejected_length": rejected_length}
-
-
-@torch.no_grad()
-def evaluate_pairs(model, data: PairData, objective: Objective, accelerator, batch_size: int, pad_id: int,
-                   fused: bool = True, prefix: str = "val_", collate: Callable = collate_pairs) -> dict[str, float]:
-    """Mean metrics over every pair of `data`, sharded across processes (each pair counted exactly once), in
-    batches of similar lengths, laid out by `collate` (layout.choose_collate)."""
-    was_training = model.training
-    model.eval()
-    stats = PairStats(accelerator.device, objective.beta)
-    for indices, weights in eval_batches(len(data), batch_size, accelerator.num_processes,
-                                         accelerator.process_index, data.token_counts()):
-        batch = to_device(collate(data, indices, weights, pad_id), accelerator.device)
-        stats.add(forward_pairs(model, batch, objective, fused), batch["weights"], batch["num_tokens"])
-    model.train(was_training)
-    return stats.reduce(accelerator, prefix=prefix)
-
 
 # --- `refdpo evaluate`: one table over several checkpoints ------------------------------------------------
 
@@ -83,7 +39,7 @@ class EvalConfig(LayoutSpec, ObjectiveSpec, DataSpec, ModelSpec):
     def validate(self) -> EvalConfig:
         check_all(self.spec_checks() + self.objective_checks() + self.layout_checks() + [
             (self.batch_size >= 1 and self.max_pairs >= 0, "--batch_size must be >= 1 and --max_pairs >= 0"),
-            (self.dtype in ("float32", "bfloat16", "float16"), "--dtype must be float32, bfloat16 or float16"),
+            (self.dtype in WEIGHT_DTYPES, f"--dtype must be {' | '.join(WEIGHT_DTYPES)}"),
         ])
         return self
 
@@ -105,17 +61,14 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
 
     reset_accelerate_state()
     accelerator = Accelerator(cpu=start_processes())  # a CPU launch: one gloo group, not independent processes
-    rows = []
+    rows, tokenised = [], {}  # checkpoints with the same tokenizer files share one tokenisation of the split
+    columns = parse_ref_columns(cfg.ref_columns) if cfg.objective.uses_reference else None
     for name in cfg.models:
         path = model_path(name)
         spec = dataclasses.replace(cfg, model=path)
         tokenizer = load_tokenizer(cfg.tokenizer or path, cfg.revision, cfg.trust_remote_code)
         check_template(cfg.template, tokenizer)
-        raw = load_split(cfg.dataset, cfg.split, cfg.dataset_config, cfg.dataset_revision)
-        if cfg.max_pairs:
-            raw.records = raw.records[:cfg.max_pairs]
-        columns = parse_ref_columns(cfg.ref_columns) if cfg.objective.uses_reference else None
-        data = build_pairs(raw, tokenizer, cfg.template, cfg.max_len, columns, cfg.on_truncated)
+        _, data = load_pairs(cfg, cfg.split, tokenizer, columns, cfg.max_pairs, tokenised)
         model = load_frozen(spec, accelerator.device, getattr(torch, cfg.dtype))
         pad_id = pad_token_id(tokenizer)
         probe = to_device(collate_pairs(data, np.arange(1), np.ones(1), pad_id), accelerator.device)

@@ -23,11 +23,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from refdpo.checkpoint import atomic_write_json
 from refdpo.config import InferenceSpec, ModelSpec, check_all, option
 from refdpo.data.templates import DEFAULT_TEMPLATE, TEMPLATES, adds_special_tokens, check_template, render
 from refdpo.errors import DataError
+from refdpo.io import atomic_write_json
 from refdpo.modeling import (
+    default_device,
     inference_dtype,
     input_device,
     load_frozen,
@@ -91,12 +92,12 @@ def load_prompts(source: str, limit: int = 0) -> list[dict]:
     if source == ALPACA_EVAL:
         rows = _alpaca_eval_prompts()
     else:
-        from refdpo.data.loading import read_jsonl
+        from refdpo.data.loading import load_jsonl
 
         path = Path(source)
         if not path.is_file():
             raise DataError(source, "no such prompts file (or use --prompts alpaca_eval)")
-        raw = read_jsonl(path)
+        raw = load_jsonl(path)
         rows = raw.records
         for row, record in enumerate(rows):
             if not isinstance(record.get("instruction"), str) or not record["instruction"].strip():
@@ -183,7 +184,7 @@ def generate(cfg: GenerateConfig) -> dict:
     if cfg.backend == "vllm":
         tokens, ended = _generate_vllm(tokenizer, prompts, cfg)
     else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = default_device()
         model = load_frozen(cfg, device, inference_dtype(cfg.dtype, device), cfg.device_map)
         tokens, ended = generate_outputs(model, tokenizer, prompts, cfg)
     generator = cfg.generator or Path(cfg.model.rstrip("/")).name

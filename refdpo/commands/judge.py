@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from refdpo.config import check_all, option
-from refdpo.errors import ConfigError, RefdpoError
+from refdpo.errors import ConfigError, RefdpoError, first_line
 from refdpo.tables import write_tables
 
 LEADERBOARD_COLUMNS = ("length_controlled_winrate", "win_rate", "standard_error", "n_total", "avg_length")
@@ -64,7 +64,7 @@ def judge(cfg: JudgeConfig) -> list[dict]:
                                              max_instances=cfg.max_instances or None)
         except Exception as e:  # the judge's API, quota or format errors: one line, naming the file
             raise RefdpoError(f"{path}: alpaca_eval failed: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
+                              f"{first_line(e)}") from None
         entry = leaderboard.loc[generator] if generator in leaderboard.index else leaderboard.iloc[0]
         rows.append({"generator": generator, "outputs": path,
                      **{c: float(entry[c]) for c in LEADERBOARD_COLUMNS if c in entry}})

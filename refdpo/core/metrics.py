@@ -13,6 +13,7 @@ the window saw, never a mean of per-micro-batch means.
 from __future__ import annotations
 
 import json
+import resource
 from pathlib import Path
 
 import torch
@@ -63,6 +64,13 @@ class PairStats:
         self.sums.zero_()
 
 
+def peak_memory_gb(device: torch.device) -> float:
+    """The process's peak: GPU memory allocated by torch, else resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
 class MetricsLog:
     """metrics.jsonl (one JSON object per logged step) plus accelerate's trackers (TensorBoard, W&B)."""
 
@@ -77,7 +85,7 @@ class MetricsLog:
     def _truncate_after(self, step: int) -> None:
         """Drop what a killed run logged after its last checkpoint (the resumed run logs it again), and a last
         line the kill cut short."""
-        from refdpo.checkpoint import atomic_write_text
+        from refdpo.io import atomic_write_text
 
         kept = []
         for line in self.path.read_text().splitlines():

@@ -25,14 +25,14 @@ import numpy as np
 import torch
 
 from refdpo import provenance as prov
-from refdpo.analysis import token_logprobs
-from refdpo.checkpoint import atomic_write_json
+from refdpo.commands.analyze import token_logprobs
 from refdpo.config import DataSpec, ModelSpec, check_all, option
-from refdpo.data import PairData, RawSplit, build_pairs, load_split, parse_ref_columns
+from refdpo.data import UNBOUNDED, PairData, RawSplit, build_pairs, load_split, parse_ref_columns
 from refdpo.data.pairs import reference_pairs
 from refdpo.data.schema import DEFAULT_REF_COLUMNS, POSITIVE_TOLERANCE, TRL_REF_COLUMNS
 from refdpo.data.templates import TEMPLATES, Encoded, check_template
-from refdpo.modeling import load_frozen, pad_token_id
+from refdpo.io import atomic_write_json
+from refdpo.modeling import default_device, load_frozen, pad_token_id
 from refdpo.tokenization import load_tokenizer
 
 WEAK_LENGTH_CORRELATION = -0.3
@@ -164,7 +164,7 @@ def _diagnose(model, sub: RawSplit, data: PairData, stored: np.ndarray, tokens: 
         causes.append(f"truncation: {len(short)} stored values cover only the first tokens of their response "
                       f"(e.g. {k} of {n}): scored with a smaller max_len than {cfg.max_len}")
     if not short:
-        longer = build_pairs(sub, tokenizer, cfg.template, 1 << 30, columns, "drop")
+        longer = build_pairs(sub, tokenizer, cfg.template, UNBOUNDED, columns, "drop")
         if len(longer) == len(data) and np.max(np.abs(_sums(model, longer, pad_id) - stored)) <= tol:
             causes.append(f"truncation: the stored values cover whole responses that max_len {cfg.max_len} cuts")
     if tokenizer.bos_token_id is not None:
@@ -243,7 +243,7 @@ def check(cfg: CheckConfig) -> dict:
         if entry is not None:
             longest = 0
             if entry.get("max_len") != cfg.max_len:  # do sequences exceed the smaller of the two?
-                full = build_pairs(raw, tokenizer, cfg.template, 1 << 30, None, "drop")
+                full = build_pairs(raw, tokenizer, cfg.template, UNBOUNDED, None, "drop")
                 longest = max(e.full_length for seqs in (full.chosen, full.rejected) for e in seqs)
             warnings, notes = prov.training_report(entry, model=cfg.model, revision=cfg.revision,
                                                    tokenizer=tokenizer, template=cfg.template,
@@ -258,7 +258,7 @@ def check(cfg: CheckConfig) -> dict:
             report["notes"].append(f"{key}: {cfg.model} is not the reference; nothing to recompute")
             continue
         if model is None:
-            model = load_frozen(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float32)
+            model = load_frozen(cfg, default_device(), torch.float32)
         result, errors = _recompute(cfg, raw, columns, entry, tokenizer, model)
         report["columns"][key]["recompute"] = result
         report["errors"] += errors

@@ -1,0 +1,392 @@
+"""`refdpo train`: DPO and its variants from reference log-probs stored in the dataset, on accelerate.
+
+One optimizer step, in full (`_train_step`): for each of `accumulate_step` micro-batches of [chosen; rejected]
+sequences, one forward gives the policy's summed response log-probs; the objective compares them with the
+stored reference log-probs (core/forward.py); the loss is the weighted sum of per-pair losses, scaled so that
+after accelerate divides by the accumulation steps and DDP/FSDP/DeepSpeed average over processes, the gradient
+is the mean over the real pairs of the global batch. Then clip, AdamW, the linear schedule. Every
+`eval_interval` steps and at each epoch's end: the validation loss, and a checkpoint (checkpoint.py).
+
+Runs unchanged on a CPU, one GPU, DDP, DeepSpeed ZeRO-2/3 or FSDP2: whatever `accelerate launch` sets up
+(engine.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from refdpo import checkpoint as ckpt
+from refdpo import provenance as prov
+from refdpo.config import (
+    WEIGHT_DTYPES,
+    DataSpec,
+    LayoutSpec,
+    ModelSpec,
+    ObjectiveSpec,
+    check_all,
+    option,
+    parse_args,
+    save_yaml,
+)
+from refdpo.core.forward import evaluate_pairs, forward_pairs
+from refdpo.core.metrics import MetricsLog, PairStats, peak_memory_gb
+from refdpo.core.verify import choose_collate, head_matches_model
+from refdpo.data import PairData, PairSampler, collate_pairs, load_pairs, parse_ref_columns, to_device
+from refdpo.data.templates import check_template
+from refdpo.engine import (
+    describe_engine,
+    engine_name,
+    keep_fsdp2_outputs_dtype,
+    make_accelerator,
+    start_processes,
+)
+from refdpo.errors import ConfigError
+from refdpo.io import atomic_write_json
+from refdpo.modeling import load_policy, pad_token_id, reset_accelerate_state
+from refdpo.tokenization import check_reload, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig(LayoutSpec, ObjectiveSpec, DataSpec, ModelSpec):
+    # model (and ModelSpec's fields)
+    dtype: str = option("float32", "dtype the weights are loaded in: float32 (master weights for mixed "
+                               "precision), bfloat16, float16")
+    mixed_precision: str | None = option(None, "no | bf16 | fp16; default: what `accelerate launch` was given")
+    gradient_checkpointing: bool = option(True, "recompute activations in backward (non-reentrant)")
+    liger: bool = option(False, "Liger's fused kernels for RMSNorm, SwiGLU and RoPE (GPU; needs liger-kernel)")
+    compile: bool = option(False, "torch.compile each decoder layer (GPU; on a CPU it needs a C++ compiler)")
+    lora: bool = option(False, "train LoRA adapters (peft) instead of all weights")
+    lora_r: int = option(16, "LoRA rank")
+    lora_alpha: int = option(32, "LoRA alpha")
+    lora_dropout: float = option(0.05, "LoRA dropout")
+    lora_target_modules: str = option("all-linear", "comma-separated module names, or all-linear")
+    # data (and DataSpec's fields)
+    train_split: str = option("train", "training split name, or a path to its file")
+    val_split: str = option("val", "validation split name or path; empty to train without evaluation")
+    max_train_pairs: int = option(0, "use only the first N training pairs (0: all)")
+    max_val_pairs: int = option(0, "use only the first N validation pairs (0: all)")
+    strict: bool = option(False, "refuse to train when the data's provenance disagrees with this config (template, "
+                             "max_len, rows); without it such mismatches are warnings")
+    # optimisation
+    epochs: int = option(3, "passes over the training split (seed: --epoch)")
+    batch_size: int = option(4, "pairs per device per micro-batch")
+    accumulate_step: int = option(1, "micro-batches per optimizer step")
+    eval_batch_size: int = option(0, "pairs per device when evaluating (0: batch_size)")
+    max_lr: float = option(5e-7, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    warmup_ratio: float = option(0.1, "fraction of steps of linear warmup, then linear decay to 0")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0: off)")
+    seed: int = option(18890426, "random seed (data order, initialisation of LoRA)")
+    # evaluation, checkpoints, logging
+    eval_interval: int = option(500, "evaluate every N optimizer steps (and at each epoch end)")
+    eval_at_start: bool = option(True, "evaluate before the first step (step 0: the reference's own loss)")
+    save_interval: int = option(0, "save a resumable checkpoint every N steps (0: at each evaluation)")
+    report_freq: int = option(10, "log training metrics every N optimizer steps")
+    output_dir: str = option("", "run folder (default runs/<date-time>)")
+    resume: bool = option(False, "continue the run in --output_dir from its last checkpoint")
+    report_to: str = option("tensorboard", "comma-separated: tensorboard, wandb, none")
+    wandb_project: str = option("refdpo", "W&B project when --report_to wandb")
+    progress: bool = option(True, "show a progress bar")
+
+    # --- derived views -------------------------------------------------------------------------------
+    @property
+    def trackers(self) -> list[str]:
+        names = [t.strip() for t in self.report_to.split(",") if t.strip()]
+        return [] if names in ([], ["none"]) else names
+
+    def validate(self) -> TrainConfig:
+        check_all(self.spec_checks() + self.objective_checks() + self.layout_checks() + [
+            (self.dtype in WEIGHT_DTYPES, f"--dtype must be {' | '.join(WEIGHT_DTYPES)}"),
+            (self.mixed_precision in (None, "no", "bf16", "fp16"), "--mixed_precision must be no, bf16 or fp16"),
+            (min(self.epochs, self.batch_size, self.accumulate_step, self.report_freq,
+                 self.eval_interval) >= 1,
+             "--epochs, --batch_size, --accumulate_step, --report_freq and --eval_interval must be >= 1"),
+            (self.max_lr > 0, "--max_lr must be > 0"),
+            (0 <= self.warmup_ratio <= 1, "--warmup_ratio must be in [0, 1]"),
+            (set(self.trackers) <= {"tensorboard", "wandb"}, "--report_to takes tensorboard, wandb or none"),
+        ])
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Seed flag -> (field, value when given as a bare switch, or None when it takes a value).
+ALIASES: dict[str, tuple[str | None, object]] = {
+    "--model_type": ("model", None),
+    "--data_split": ("dataset_config", None),
+    "--epoch": ("epochs", None),
+    "--insert_eos": ("template", "zephyr"),
+    "--cuda": (None, True),
+    "-l": (None, True),
+    "--log": (None, True),
+}
+
+
+
+def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
+    return parse_args(TrainConfig, argv, "refdpo train", "Train a policy with DPO (or a variant) from reference "
+                      "log-probs stored in the dataset.", aliases=ALIASES)
+
+
+@dataclass
+class Progress:
+    """Where a run is: saved with every checkpoint (trainer_state.json) and restored on --resume."""
+
+    global_batch: int  # pairs per optimizer step, all processes: resuming needs the same
+    train_pairs: int  # and the same data
+    total_steps: int
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    last_val: dict | None = None
+    wandb_id: str | None = None
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, set up once by `_setup`."""
+
+    cfg: TrainConfig
+    accelerator: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    sampler: PairSampler
+    tokenizer: object
+    train_data: PairData
+    val_data: PairData | None
+    pad_id: int
+    fused: bool  # the tiled LM head (core/verify.py checked it on real pairs)
+    collate: object  # the batch layout choose_collate picked
+    run_dir: Path
+    engine: dict
+    progress: Progress
+    metrics: MetricsLog
+    lock: object  # the main process's lock on run_dir
+
+
+def _load_data(cfg: TrainConfig, split: str, limit: int, tokenizer, cache: dict | None) -> PairData:
+    """One split as the config says; its reference columns checked against their provenance."""
+    columns = parse_ref_columns(cfg.ref_columns) if cfg.objective.uses_reference else None
+    raw, data = load_pairs(cfg, split, tokenizer, columns, limit, cache)
+    if columns is not None:
+        prov.check_for_training(raw, data, tokenizer, cfg, strict=cfg.strict)
+    return data
+
+
+def _setup(cfg: TrainConfig, data_cache: dict | None) -> Run:
+    """The accelerator, run folder, data, model, optimizer and schedule; resumed when asked; fast paths checked."""
+    from accelerate.utils import set_seed
+    from transformers import get_linear_schedule_with_warmup
+
+    reset_accelerate_state()
+    cpu = start_processes()
+    run_dir = ckpt.run_folder(cfg.output_dir)
+    accelerator = make_accelerator(cpu, gradient_accumulation_steps=cfg.accumulate_step,
+                                   mixed_precision=cfg.mixed_precision, log_with=cfg.trackers or None,
+                                   project_dir=str(run_dir))
+    if not accelerator.is_main_process:
+        logging.getLogger("refdpo").setLevel(logging.WARNING)
+    engine = describe_engine(accelerator)
+    if accelerator.device.type == "cpu":
+        torch.set_flush_denormal(True)  # denormal floats slow CPU matmuls by up to 4x, and change nothing here
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    set_seed(cfg.seed)
+    lock = ckpt.claim_run_folder(run_dir, accelerator, if_exists=True)  # before loading: a live run's folder
+    resume_from = ckpt.resume_point(run_dir, cfg.resume)
+
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.revision, cfg.trust_remote_code)
+    check_template(cfg.template, tokenizer)
+    train_data = _load_data(cfg, cfg.train_split, cfg.max_train_pairs, tokenizer, data_cache)
+    val_data = _load_data(cfg, cfg.val_split, cfg.max_val_pairs, tokenizer, data_cache) if cfg.val_split else None
+    log.info("engine: %s", engine_name(engine))  # after the data: a data error stays the only line
+
+    model = load_policy(cfg, accelerator.device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.max_lr,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    sampler = PairSampler(len(train_data), cfg.batch_size, cfg.accumulate_step, accelerator.num_processes,
+                          accelerator.process_index, cfg.seed, lengths=train_data.token_counts())
+    total_steps = sampler.steps_per_epoch * cfg.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    if accelerator.state.deepspeed_plugin is not None:
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    keep_fsdp2_outputs_dtype(accelerator)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    progress = Progress(sampler.global_batch, len(train_data), total_steps)
+    if resume_from is not None:
+        progress = _resume(accelerator, model, optimizer, scheduler, resume_from, progress)
+    lock = ckpt.claim_run_folder(run_dir, accelerator, held=lock)
+    if accelerator.is_main_process:
+        save_yaml(cfg, run_dir / "config.yaml")
+    _start_trackers(cfg, accelerator, run_dir, progress, resumed=resume_from is not None)
+    # On resume, what a killed run logged after its checkpoint is dropped (it is logged again); resuming a run
+    # killed before its first checkpoint starts the log afresh.
+    resume_step = progress.global_step if resume_from is not None else (-1 if cfg.resume else None)
+    metrics = MetricsLog(run_dir, accelerator, resume_step=resume_step, header={"engine": engine})
+    pad_id = pad_token_id(tokenizer)
+    fused, collate = _fast_paths(cfg, accelerator, model, train_data, val_data, pad_id, engine)
+    return Run(cfg, accelerator, model, optimizer, scheduler, sampler, tokenizer, train_data, val_data, pad_id,
+               fused, collate, run_dir, engine, progress, metrics, lock)
+
+
+def _resume(accelerator, model, optimizer, scheduler, checkpoint: Path, fresh: Progress) -> Progress:
+    saved = Progress(**ckpt.load_trainer_state(checkpoint))
+    for key in ("global_batch", "train_pairs"):
+        if getattr(saved, key) != getattr(fresh, key):
+            raise ConfigError(f"cannot resume {checkpoint.parent.parent}: its {key} was {getattr(saved, key)}, "
+                              f"now {getattr(fresh, key)} (resuming needs the same data and global batch)")
+    ckpt.load_state(accelerator, model, optimizer, scheduler, checkpoint)
+    log.info("resumed from %s (step %d)", checkpoint, saved.global_step)
+    return dataclasses.replace(saved, total_steps=fresh.total_steps)
+
+
+def _start_trackers(cfg: TrainConfig, accelerator, run_dir: Path, progress: Progress, resumed: bool) -> None:
+    if not cfg.trackers:
+        return
+    progress.wandb_id = progress.wandb_id or f"{run_dir.name}-{cfg.seed}"
+    wandb_kwargs = {"name": run_dir.name, "dir": str(run_dir), "resume": "allow", "id": progress.wandb_id}
+    accelerator.init_trackers(cfg.wandb_project if "wandb" in cfg.trackers else "tensorboard",
+                              config=cfg.to_dict(), init_kwargs={
+                                  "wandb": wandb_kwargs,
+                                  "tensorboard": {"purge_step": progress.global_step + 1} if resumed else {}})
+
+
+def _fast_paths(cfg: TrainConfig, accelerator, model, train_data: PairData, val_data: PairData | None,
+                pad_id: int, engine: dict):
+    """(tiled head?, batch layout): each checked against the plain computation on real pairs (core/verify.py)."""
+    probe = to_device(collate_pairs(train_data, [0], [1.0], pad_id), accelerator.device)
+    low = accelerator.mixed_precision in ("bf16", "fp16") or cfg.dtype != "float32"
+    fused, diff = head_matches_model(model, probe, low)
+    if not fused:
+        log.warning("chunked LM head disagrees with the model's logits (max diff %.2g): using full logits", diff)
+    engine["lm_head"] = "tiled" if fused else "full logits"
+    longest = int(val_data.token_counts().max()) if val_data is not None else 0
+    collate = choose_collate(model, train_data, pad_id, accelerator.device, fused, cfg.packing, cfg.pack_capacity,
+                             longest, low)
+    return fused, collate
+
+
+def _train_step(run: Run, micro_batches, valid: int, stats: PairStats) -> torch.Tensor | None:
+    """One optimizer step over this process's micro-batches; returns the gradient norm before clipping (a
+    tensor: reading it would wait for the GPU, so that happens only when a report is written)."""
+    cfg, accelerator, model, optimizer = run.cfg, run.accelerator, run.model, run.optimizer
+    # Per-pair loss sums are scaled so the step's gradient is the mean over the `valid` real pairs.
+    scale = cfg.accumulate_step * accelerator.num_processes / valid
+    grad_norm = None
+    for indices, weights in micro_batches:
+        batch = to_device(run.collate(run.train_data, indices, weights, run.pad_id), accelerator.device)
+        # Inside accumulate(), gradients are synchronised, and optimizer.step()/zero_grad() act, only on the
+        # step's last micro-batch (accelerate makes them no-ops on the others).
+        with accelerator.accumulate(model):
+            out = forward_pairs(model, batch, cfg.objective, run.fused)
+            loss = (out["losses"] * batch["weights"]).sum() * scale
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        stats.add(out, batch["weights"], batch["num_tokens"])
+    return grad_norm
+
+
+def _evaluate(run: Run, epoch_progress: float) -> bool:
+    """The validation metrics, logged and kept in the progress; True when it is the lowest loss so far."""
+    cfg, progress = run.cfg, run.progress
+    val = evaluate_pairs(run.model, run.val_data, cfg.objective, run.accelerator,
+                         cfg.eval_batch_size or cfg.batch_size, run.pad_id, run.fused, collate=run.collate)
+    run.metrics.write({"step": progress.global_step, "epoch": epoch_progress, **val})
+    progress.last_val = val
+    if progress.best_val_loss is None or val["val_loss"] < progress.best_val_loss:
+        progress.best_val_loss, progress.best_step = val["val_loss"], progress.global_step
+        return True
+    return False
+
+
+def _report(run: Run, stats: PairStats, lr: float, grad_norm, epoch_progress: float, seconds: float) -> dict:
+    """The training metrics of the steps since the last report, logged."""
+    metrics = stats.reduce(run.accelerator)
+    record = {"step": run.progress.global_step, "epoch": round(epoch_progress, 6), "lr": lr,
+              "grad_norm": None if grad_norm is None else float(grad_norm), **metrics,
+              "tokens_per_s": metrics["tokens"] / seconds, "peak_mem_gb": peak_memory_gb(run.accelerator.device)}
+    run.metrics.write(record)
+    stats.reset()
+    return record
+
+
+def train(cfg: TrainConfig, data_cache: dict | None = None) -> dict:
+    """Train as configured; returns a summary (run folder, best step and validation loss, last metrics).
+    `data_cache`: tokenised splits shared across the runs of a sweep (data.load_pairs)."""
+    if "wandb" in cfg.trackers and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("--report_to wandb needs the wandb package: pip install 'refdpo[wandb]'")
+    run = _setup(cfg, data_cache)
+    progress, sampler = run.progress, run.sampler
+    if cfg.eval_at_start and progress.global_step == 0 and run.val_data is not None:
+        _evaluate(run, 0.0)
+    run.model.train()
+    stats = PairStats(run.accelerator.device, cfg.beta)
+    save_every = cfg.save_interval or cfg.eval_interval
+    bar = tqdm(total=progress.total_steps, initial=progress.global_step, desc="train", dynamic_ncols=True,
+               disable=not (cfg.progress and run.accelerator.is_main_process))
+    window_start, reload_checked = time.perf_counter(), False
+    for epoch in range(progress.epoch, cfg.epochs):
+        for step in range(progress.step_in_epoch, sampler.steps_per_epoch):  # > 0 only when resuming
+            micro_batches, valid = sampler.step(epoch, step)
+            lr = run.scheduler.get_last_lr()[0]
+            grad_norm = _train_step(run, micro_batches, valid, stats)
+            run.scheduler.step()
+            end_of_epoch = step + 1 == sampler.steps_per_epoch
+            progress.global_step += 1
+            progress.epoch, progress.step_in_epoch = epoch + end_of_epoch, 0 if end_of_epoch else step + 1
+            global_step, epoch_progress = progress.global_step, epoch + (step + 1) / sampler.steps_per_epoch
+            bar.update(1)
+            if global_step % cfg.report_freq == 0 or global_step == progress.total_steps:
+                record = _report(run, stats, lr, grad_norm, epoch_progress, time.perf_counter() - window_start)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                window_start = time.perf_counter()
+            due_eval = run.val_data is not None and (global_step % cfg.eval_interval == 0 or end_of_epoch)
+            if due_eval or global_step % save_every == 0 or global_step == progress.total_steps:
+                is_best = _evaluate(run, epoch_progress) if due_eval else False
+                saved = ckpt.save_checkpoint(run.accelerator, run.model, run.optimizer, run.scheduler,
+                                             run.tokenizer, run.run_dir, global_step, dataclasses.asdict(progress),
+                                             is_best)
+                if not reload_checked:  # a checkpoint must tokenise as training did (tokenization.py)
+                    check_reload(run.tokenizer, saved, _sample_texts(run.train_data, run.tokenizer))
+                    reload_checked = True
+                window_start = time.perf_counter()  # evaluation and saving are not training throughput
+    bar.close()
+    run.accelerator.end_training()
+    return _finish(run)
+
+
+def _sample_texts(data: PairData, tokenizer, n: int = 16) -> list[str]:
+    """Training sequences as text (decoded as tokenised: special tokens, whitespace and all)."""
+    return [tokenizer.decode(s.input_ids.tolist()) for s in data.chosen[:n] + data.rejected[:n]]
+
+
+def _finish(run: Run) -> dict:
+    progress, run_dir = run.progress, run.run_dir
+    best, last = ckpt.resolve(run_dir, "best"), ckpt.resolve(run_dir, "last")
+    summary = {"run_dir": str(run_dir), "engine": run.engine, "steps": progress.global_step,
+               "best_step": progress.best_step, "best_val_loss": progress.best_val_loss,
+               "last_val": progress.last_val, "best": str(best) if best else None, "last": str(last) if last else None,
+               "data": {"train": run.train_data.stats, "val": run.val_data.stats if run.val_data else None}}
+    if run.accelerator.is_main_process:
+        atomic_write_json(run_dir / "summary.json", summary)
+        run.lock.close()
+    return summary
