@@ -520,7 +520,9 @@ def child_refdpo(spec: dict, device: torch.device) -> dict:
         if r["tokens"] != s["tokens"]:
             s["tokens_mismatch"] = True
     order = plan["order"]
-    same = all(s["indices"] == order[k * spec["batch"]:(k + 1) * spec["batch"]] for k, s in enumerate(steps))
+    # What a step holds, not its order: the sampler splits a step into micro-batches by length.
+    same = all(sorted(s["indices"]) == sorted(order[k * spec["batch"]:(k + 1) * spec["batch"]])
+               for k, s in enumerate(steps))
     for s in steps:
         del s["indices"]
     return {"steps": _step_records(steps, spec["warmup"]), "window": window.info, "total_s": total_s,

@@ -167,7 +167,7 @@ def export_model(accelerator, model, tokenizer, out: Path) -> None:
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, run_dir: Path, step: int,
                     trainer_state: dict, is_best: bool) -> Path:
-    """Save a resumable checkpoint for `step` (the export, and the state of resume.py beside it), point `last`
+    """Save a resumable checkpoint for `step` (the export, and the resumable state beside it), point `last`
     (and `best`) at it, prune the rest. Collective."""
 
     final = run_dir / CHECKPOINTS / f"step-{step:07d}"

@@ -4,7 +4,7 @@ dataclass from YAML and flags.
 
 Precedence: dataclass defaults < `--config FILE.yaml` < command-line flags. Every field is a flag
 (`--max_lr 1e-6`, also spelled `--max-lr`); booleans take `--flag` / `--no-flag`; a command may add aliases
-(`refdpo train` takes the RefDPO seed's flag names: commands/train.py).
+(`refdpo train` takes the flag names of RefDPO's released code: commands/train.py).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def option(default, help: str, **kw):
 class ModelSpec:
     """Which model and tokenizer to load (shared by train, score and check)."""
 
-    model: str = option("", "hub id or local folder (train, seed: --model_type)")
+    model: str = option("", "hub id or local folder (train; RefDPO: --model_type)")
     revision: str | None = option(None, "model revision (branch, tag or commit) on the hub")
     tokenizer: str | None = option(None, "tokenizer id/folder when it differs from the model's")
     attn_implementation: str = option("auto", "auto (flash_attention_2 when installed on GPU, else sdpa) | sdpa | "
@@ -51,9 +51,9 @@ class DataSpec:
 
     dataset: str = option("", "hub id (yale-nlp/RefDPO), folder, .jsonl/.parquet file, or save_to_disk folder")
     dataset_config: str | None = option(None, "hub config, e.g. mistral, tulu2, mistral_prior, mistralv2, llama3 "
-                                          "(seed: --data_split)")
+                                          "(RefDPO: --data_split)")
     dataset_revision: str | None = option(None, "dataset revision on the hub")
-    template: str = option(DEFAULT_TEMPLATE, f"chat format: {' | '.join(TEMPLATES)} (seed --insert_eos = zephyr)")
+    template: str = option(DEFAULT_TEMPLATE, f"chat format: {' | '.join(TEMPLATES)} (RefDPO --insert_eos = zephyr)")
     max_len: int = option(2048, "tokens per sequence; longer sequences are truncated at the end")
     on_truncated: str = option("drop", f"pairs whose response is truncated away: {' | '.join(ON_TRUNCATED)}")
 
@@ -104,7 +104,7 @@ class ObjectiveSpec:
     ref_free: bool = option(False, "reference-free: the reference term is 0 (the paper's posterior reward)")
     label_smoothing: float = option(0.0, "cDPO label-flip probability (loss cdpo)")
     simpo_gamma: float = option(0.5, "SimPO target margin gamma")
-    dpo_weight: float = option(1.0, "constant factor on the loss (seed's --dpo_weight)")
+    dpo_weight: float = option(1.0, "constant factor on the loss (RefDPO's --dpo_weight)")
     ref_columns: str = option(",".join(DEFAULT_REF_COLUMNS), "reference log-prob columns CHOSEN,REJECTED")
 
     @property
@@ -123,7 +123,7 @@ class ObjectiveSpec:
 
 @dataclass
 class LayoutSpec:
-    """How a batch's sequences are laid out in rows (train and evaluate; refdpo/layout.py)."""
+    """How a batch's sequences are laid out in rows (train and evaluate; core/verify.py picks it)."""
 
     packing: bool = option(True, "pack each micro-batch's sequences into rows without padding (position ids restart "
                                  "per sequence; checked against the padded layout at start-up)")
@@ -174,16 +174,16 @@ def build_parser(prog: str, cls: type, description: str | None = None,
             parser.add_argument(*flags, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text,
                                 metavar=f.name.upper())
     if aliases:
-        seed = parser.add_argument_group("RefDPO seed aliases")
+        upstream = parser.add_argument_group("aliases: the flags of RefDPO's released code")
         for flag, (dest, switch_value) in aliases.items():
             if dest is None:
-                seed.add_argument(flag, action="store_true", default=argparse.SUPPRESS, dest=f"_ignored{flag}",
-                                  help="accepted for compatibility with the seed's commands; no effect")
+                upstream.add_argument(flag, action="store_true", default=argparse.SUPPRESS, dest=f"_ignored{flag}",
+                                  help="accepted for compatibility with RefDPO's commands; no effect")
             elif switch_value is not None:
-                seed.add_argument(flag, action="store_const", const=switch_value, dest=dest,
+                upstream.add_argument(flag, action="store_const", const=switch_value, dest=dest,
                                   default=argparse.SUPPRESS, help=f"= --{dest} {switch_value}")
             else:
-                seed.add_argument(flag, dest=dest, type=types[dest], default=argparse.SUPPRESS,
+                upstream.add_argument(flag, dest=dest, type=types[dest], default=argparse.SUPPRESS,
                                   help=f"= --{dest}", metavar=dest.upper())
     return parser
 

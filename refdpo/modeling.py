@@ -56,7 +56,7 @@ def load_policy(cfg, device: torch.device) -> torch.nn.Module:
     if cfg.liger:
         _apply_liger(model)
     if cfg.compile:
-        # Layer by layer, not the whole model: refdpo redirects the LM head's forward at call time (logprobs.py),
+        # Layer by layer, not the whole model: refdpo redirects the LM head's forward at call time (core/lm_head.py),
         # which a whole-model graph would bake in; the layers share one compiled graph. With gradient
         # checkpointing the checkpoint goes inside each compiled layer: a layer called from inside a checkpoint
         # is run eagerly by dynamo without a word (measured: training losses equal to eager to the last bit).

@@ -1,4 +1,4 @@
-"""Provenance of stored reference log-probs: what scored them, how, and whether training matches (DESIGN.md §3).
+"""Provenance of stored reference log-probs: what scored them, how, and whether training matches (README: "Reference log-probs for any model").
 
 `refdpo score` writes a JSON sidecar beside its output, one entry per reference column pair (a dataset may hold
 several references):
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from refdpo.errors import ConfigError
 from refdpo.io import atomic_write_json
-from refdpo.tokenization import PROBE
+from refdpo.tokenization import PROBE, files_fingerprint
 
 log = logging.getLogger(__name__)
 _PROBE = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Say hi, then stop."},
@@ -121,29 +121,12 @@ def records_fingerprint(records: list[dict], fields: tuple[str, ...] | None = No
     return digest.hexdigest()
 
 
-def tokenizer_files_fingerprint(tokenizer) -> str:
-    """sha256 of what defines the tokenizer: the files it was loaded from (tokenization.load_tokenizer), else
-    its whole pipeline (vocabulary, merges, normaliser); with its special tokens and chat template."""
-    files = getattr(tokenizer, "refdpo_files", None)
-    digest = hashlib.sha256()
-    if files:
-        for name in sorted(files):
-            digest.update(name.encode() + b"\0" + Path(files[name]).read_bytes())
-    else:
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        digest.update((backend.to_str() if backend is not None else
-                       json.dumps(sorted(tokenizer.get_vocab().items()))).encode())
-    digest.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token,
-                              getattr(tokenizer, "chat_template", None)]).encode())
-    return digest.hexdigest()
-
-
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 of the files' fingerprint and of the token ids of tokenization.PROBE (special tokens followed by
     spaces, whitespace runs, ...): the same files tokenised otherwise here (another transformers or tokenizers
     version) give another fingerprint."""
     ids = [tokenizer(text)["input_ids"] for text in PROBE]
-    return hashlib.sha256((tokenizer_files_fingerprint(tokenizer) + json.dumps(ids)).encode()).hexdigest()
+    return hashlib.sha256((files_fingerprint(tokenizer) + json.dumps(ids)).encode()).hexdigest()
 
 
 def tokenizer_versions() -> dict:
@@ -158,7 +141,7 @@ def tokenizer_drift(entry: dict, tokenizer) -> str | None:
     """The warning for data scored with the same tokenizer files that tokenise differently here, or None."""
     if entry.get("tokenizer_sha256") in (None, tokenizer_fingerprint(tokenizer)):
         return None
-    if entry.get("tokenizer_files_sha256") != tokenizer_files_fingerprint(tokenizer):
+    if entry.get("tokenizer_files_sha256") != files_fingerprint(tokenizer):
         return None  # another tokenizer altogether: said elsewhere
     then = entry.get("tokenizer_versions") or {}
     now = tokenizer_versions()
@@ -169,8 +152,7 @@ def tokenizer_drift(entry: dict, tokenizer) -> str | None:
 
 def template_fingerprint(template: str, tokenizer, prior_prefix: str | None = None) -> str:
     """sha256 of a probe conversation rendered and tokenised as scoring does (text, BOS, EOS, boundary)."""
-    from refdpo.data.pairs import UNBOUNDED
-    from refdpo.data.templates import prior_conversation, render, tokenize_rendered
+    from refdpo.data.templates import UNBOUNDED, prior_conversation, render, tokenize_rendered
 
     messages = _PROBE if prior_prefix is None else prior_conversation(_PROBE, prior_prefix)
     if template == "model":
@@ -258,7 +240,7 @@ def reference_entry(cfg, model, tokenizer, rendered: str, raw, data, weights: st
         "revision": cfg.revision, "commit": getattr(getattr(model, "config", None), "_commit_hash", None),
         "weights_sha256": weights, "dtype": dtype, "backend": cfg.backend, "device_map": cfg.device_map,
         "tokenizer": cfg.tokenizer or cfg.model, "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
-        "tokenizer_files_sha256": tokenizer_files_fingerprint(tokenizer),
+        "tokenizer_files_sha256": files_fingerprint(tokenizer),
         "tokenizer_versions": tokenizer_versions(),
         "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
         "template": cfg.template, "insert_eos": cfg.template == "zephyr",

@@ -21,6 +21,7 @@ rewrites tokenizer_config.json and drops `legacy`), so a checkpoint reloads to t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -182,3 +183,20 @@ def check_reload(tokenizer, folder: Path, texts: list[str], add_special_tokens: 
             theirs = reloaded.convert_ids_to_tokens(b[k]) if k < len(b) else "(end)"
             raise ConfigError(f"{folder}: the saved tokenizer reloads to other token ids than training used: token "
                               f"{k} of {text[:60]!r} is {theirs!r} there, {mine!r} here")
+
+
+def files_fingerprint(tokenizer) -> str:
+    """sha256 of what defines the tokenizer: the files it was loaded from (load_tokenizer), else
+    its whole pipeline (vocabulary, merges, normaliser); with its special tokens and chat template."""
+    files = getattr(tokenizer, "refdpo_files", None)
+    digest = hashlib.sha256()
+    if files:
+        for name in sorted(files):
+            digest.update(name.encode() + b"\0" + Path(files[name]).read_bytes())
+    else:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        digest.update((backend.to_str() if backend is not None else
+                       json.dumps(sorted(tokenizer.get_vocab().items()))).encode())
+    digest.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token,
+                              getattr(tokenizer, "chat_template", None)]).encode())
+    return digest.hexdigest()

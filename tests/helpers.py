@@ -66,3 +66,60 @@ def kill_at_checkpoint(proc, run: Path, step: int, timeout: float = 300) -> None
     assert proc.poll() is None, "the run ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+# --- records, scoring and the CLI, in-process ----------------------------------------------------------------
+
+KEY = "chosen_logprob,rejected_logprob"
+COLUMNS = ("chosen_logprob", "rejected_logprob")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def write_split(folder: Path, records: list[dict], name: str = "train") -> Path:
+    """folder/{name}.jsonl holding `records` (no provenance sidecar); returns the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_jsonl(folder / f"{name}.jsonl", records)
+    return folder
+
+
+def scored(setup: Path, out: Path, dataset: Path | None = None, split: str = "val", **overrides) -> dict:
+    """Run `refdpo score` in-process on the tiny setup (default: its val split, template tulu, max_len 512)."""
+    from refdpo.commands.score import ScoreConfig, score
+
+    values = dict(model=str(setup / "model"), dataset=str(dataset or setup / "data"), split=split, out=str(out),
+                  template="tulu", max_len=512, progress=False)
+    values.update(overrides)
+    return score(ScoreConfig(**values).validate())
+
+
+def entry_of(out: Path, key: str = KEY) -> dict:
+    """The provenance entry of a scored output's column pair."""
+    from refdpo import provenance as prov
+
+    return prov.read(prov.sidecar_path(out))[key]
+
+
+def run_main(argv: list[str], capsys, code: int = 2) -> tuple[str, list[str]]:
+    """Run the CLI in-process; it must exit with `code`. Returns (stdout, stderr lines)."""
+    import pytest
+
+    from refdpo.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == code
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return out, err.splitlines()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import run_cli
+from helpers import run_cli, run_main
 
 from refdpo.cli import main
 from refdpo.data.schema import DEFAULT_REF_COLUMNS, _Bad, validate_record
@@ -57,13 +57,7 @@ def train_args(tiny_setup: Path, dataset: Path, run: Path, *extra: str) -> list[
 
 def run_failing(argv: list[str], capsys) -> list[str]:
     """Run the CLI in-process; it must exit with status 2. Returns the lines it wrote to stderr."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err and "Traceback" not in out
-    return err.splitlines()
+    return run_main(argv, capsys)[1]
 
 
 # --- the corpus of malformed records ---------------------------------------------------------------------------

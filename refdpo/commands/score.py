@@ -1,12 +1,12 @@
 """`refdpo score`: reference log-probs for preference pairs, from any model, with its own tokenizer and template.
 
-For every pair, the reference's summed log-prob of the chosen and of the rejected response (DESIGN.md §3) is
+For every pair, the reference's summed log-prob of the chosen and of the rejected response (the record contract, data/schema.py) is
 written as two columns next to all original fields. Only these scalars cross over to the policy, so the
 reference may have any vocabulary. `--mode prior` scores log p(y) with the prompt replaced by a prefix
 (templates.py). Provenance is written beside the output (provenance.py).
 
 How it is fast:
-  - inference mode, and only response positions go through the LM head (logprobs.py);
+  - inference mode, and only response positions go through the LM head (core/lm_head.py);
   - pairs sorted by length into batches of at most `batch_tokens` padded tokens (little padding), longest
     first (an out-of-memory error shows in the first seconds, not after hours);
   - a pair's prompt is computed once: [prompt | chosen | rejected] in one row with a mask that keeps the two
@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from refdpo import provenance as prov
-from refdpo.commands import score_job as shards
+from refdpo.commands import score_job
 from refdpo.config import DataSpec, InferenceSpec, ModelSpec, check_all, option
 from refdpo.core.logprobs import sequence_logprobs
 from refdpo.core.verify import agrees, head_matches_model, low_precision
@@ -271,18 +271,18 @@ def score(cfg: ScoreConfig) -> dict:
     job.update(batch_tokens=batch_tokens, dtype=dtype_name, weights_sha256=weights,
                data_sha256=prov.records_fingerprint(raw.records), rows=len(raw), save_every=cfg.save_every)
 
-    parts = shards.parts_dir(out)
+    parts = score_job.parts_dir(out)
     manifest = None
     if state.is_main_process:  # settle what OUT means before spending minutes on loading a large model
         columns = _check_columns(raw, columns)
         check_writable(raw.records, out)
-        manifest = shards.resumable_manifest(out, job, cfg.overwrite)
+        manifest = score_job.resumable_manifest(out, job, cfg.overwrite)
     model = None if cfg.backend == "vllm" else load_frozen(cfg, state.device, dtype, cfg.device_map)
     pad_id = pad_token_id(tokenizer)
     if state.is_main_process and manifest is None:
         fused, share = (False, False) if model is None else decide_layout(model, data, pad_id, cfg.share_prompt)
         plan = plan_batches(data, batch_tokens, cfg.max_batch_pairs, share)
-        manifest = shards.new_job(out, job, plan, cfg.save_every, fused=fused, share=share)
+        manifest = score_job.new_job(out, job, plan, cfg.save_every, fused=fused, share=share)
     state.wait_for_everyone()
     if manifest is None:
         manifest = json.loads((parts / "manifest.json").read_text())
@@ -295,16 +295,16 @@ def score(cfg: ScoreConfig) -> dict:
 
     mine = [b for b in range(manifest["blocks"]) if b % state.num_processes == state.process_index
             and not (parts / f"block-{b:06d}.npz").exists()]
-    tokens, seconds = shards.score_blocks(scorer, plan, mine, cfg.save_every, parts, data,
-                                    cfg.progress and state.is_main_process)
+    tokens, seconds = score_job.score_blocks(scorer, plan, mine, cfg.save_every, parts, data,
+                                             cfg.progress and state.is_main_process, state.process_index)
     summary = {"out": str(out), "rows_in": len(raw), "pairs": len(data), **data.stats,
                "blocks_scored_here": len(mine), "seconds": seconds, "tokens": tokens,
                "tokens_per_s": tokens / seconds if seconds > 0 else None}
     if not state.is_main_process:
         return summary
 
-    shards.wait_for_blocks(parts, manifest["blocks"])
-    chosen, rejected, coverage = shards.merge_blocks(parts, manifest["blocks"], data, len(raw),
+    score_job.wait_for_blocks(parts, manifest["blocks"], state.num_processes)
+    chosen, rejected, coverage = score_job.merge_blocks(parts, manifest["blocks"], data, len(raw),
                                                      state.num_processes)
     records = [{**raw.records[row], columns[0]: float(chosen[row]), columns[1]: float(rejected[row])}
                for row in np.sort(data.rows).tolist()]

@@ -11,6 +11,7 @@ row appears exactly once.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 from refdpo.data import PairData
 from refdpo.errors import ConfigError, RefdpoError
-from refdpo.io import atomic_write_json
+from refdpo.io import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +66,21 @@ def new_job(out: Path, job: dict, plan: list, save_every: int, **extra) -> dict:
 
 
 def save_block(path: Path, rows: np.ndarray, chosen: np.ndarray, rejected: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        np.savez(f, rows=rows, chosen=chosen, rejected=rejected)
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    np.savez(buffer, rows=rows, chosen=chosen, rejected=rejected)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def heartbeat(parts: Path, rank: int) -> None:
+    """Mark process `rank` alive: it has just scored a batch (wait_for_blocks reads it)."""
+    (parts / f"alive-{rank}").touch()
+
+
+def _last_beat(parts: Path, rank: int) -> float:
+    for path in (parts / f"alive-{rank}", parts / "manifest.json"):  # no beat yet: since the job was planned
+        if path.exists():
+            return path.stat().st_mtime
+    return time.time()
 
 
 def merge_blocks(parts: Path, blocks: int, data: PairData, n_rows: int, processes: int) -> tuple[np.ndarray, ...]:
@@ -94,18 +106,25 @@ def merge_blocks(parts: Path, blocks: int, data: PairData, n_rows: int, processe
     return chosen, rejected, coverage
 
 
-def wait_for_blocks(parts: Path, blocks: int, poll_s: float = 2.0) -> None:
-    """The main process waits for the other processes' blocks on the shared folder (no collective timeout)."""
-    waiting = None
-    while (done := len(list(parts.glob("block-*.npz")))) < blocks:
-        if waiting is None:
-            log.info("waiting for the other processes (%d of %d blocks done)", done, blocks)
-            waiting = time.perf_counter()
+def wait_for_blocks(parts: Path, blocks: int, processes: int, poll_s: float = 2.0, stall_s: float = 1800.0) -> None:
+    """The main process waits for the other processes' blocks on the shared folder (no collective timeout, which
+    a long scoring job would outlast). Block b is process b % processes's; when every process that still owes
+    blocks has scored nothing for `stall_s` seconds, it died or hangs: stop, keeping what is done."""
+    logged = False
+    while missing := [b for b in range(blocks) if not (parts / f"block-{b:06d}.npz").exists()]:
+        if not logged:
+            log.info("waiting for the other processes (%d of %d blocks done)", blocks - len(missing), blocks)
+            logged = True
+        owners = sorted({b % processes for b in missing})
+        if all(time.time() - _last_beat(parts, rank) > stall_s for rank in owners):
+            raise RefdpoError(f"{parts}: process(es) {', '.join(map(str, owners))} scored nothing for "
+                              f"{stall_s / 60:.0f} min and blocks {missing[:5]} are missing; the blocks done are "
+                              "kept: run the same command again to continue")
         time.sleep(poll_s)
 
 
 def score_blocks(scorer, plan: list, blocks: list[int], save_every: int, parts: Path, data: PairData,
-                  show: bool) -> tuple[int, float]:
+                 show: bool, rank: int = 0) -> tuple[int, float]:
     """Score this process's unfinished blocks, each saved as soon as it is done; (tokens, seconds)."""
     todo = [plan[k] for b in blocks for k in range(b * save_every, min((b + 1) * save_every, len(plan)))]
     bar = tqdm(total=sum(len(idx) for idx, _ in todo), desc="score", unit="pair", dynamic_ncols=True,
@@ -116,6 +135,7 @@ def score_blocks(scorer, plan: list, blocks: list[int], save_every: int, parts: 
         results = []
         for idx, shared in batches:
             results.append(scorer(idx, shared))
+            heartbeat(parts, rank)
             tokens += sum(data.num_tokens(i) for i in idx)
             bar.update(len(idx))
             bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - started):.0f}", refresh=False)

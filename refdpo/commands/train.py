@@ -78,7 +78,7 @@ class TrainConfig(LayoutSpec, ObjectiveSpec, DataSpec, ModelSpec):
     strict: bool = option(False, "refuse to train when the data's provenance disagrees with this config (template, "
                              "max_len, rows); without it such mismatches are warnings")
     # optimisation
-    epochs: int = option(3, "passes over the training split (seed: --epoch)")
+    epochs: int = option(3, "passes over the training split (RefDPO: --epoch)")
     batch_size: int = option(4, "pairs per device per micro-batch")
     accumulate_step: int = option(1, "micro-batches per optimizer step")
     eval_batch_size: int = option(0, "pairs per device when evaluating (0: batch_size)")
@@ -123,7 +123,9 @@ class TrainConfig(LayoutSpec, ObjectiveSpec, DataSpec, ModelSpec):
         return dataclasses.asdict(self)
 
 
-# Seed flag -> (field, value when given as a bare switch, or None when it takes a value).
+# The flags of RefDPO's released code -> (field, value as a bare switch, or None when it takes a value): its
+# commands run unchanged apart from the program name. --cuda and -l/--log are accepted and ignored (the device
+# comes from accelerate; refdpo always writes its run folder).
 ALIASES: dict[str, tuple[str | None, object]] = {
     "--model_type": ("model", None),
     "--data_split": ("dataset_config", None),

@@ -18,18 +18,21 @@ import torch
 import torch.nn.functional as F
 
 OBJECTIVES = ("dpo", "cdpo", "ipo", "hinge", "simpo")
+LossOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # losses [B], chosen_rewards [B], rejected_rewards [B]
 
 
-def _logratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected):
+def _logratios(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+               ref_rejected: torch.Tensor) -> torch.Tensor:
     return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
 
 
-def _rewards(beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected):
+def _rewards(beta: float, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (beta * (policy_chosen - ref_chosen)).detach(), (beta * (policy_rejected - ref_rejected)).detach()
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0):
+             ref_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> LossOutput:
     """DPO (Rafailov et al. 2023, Eq. 7; Liu et al. 2024 Eq. 5), with conservative label smoothing (cDPO).
 
         h = [log pi(y_w|x) - log ref(y_w|x)] - [log pi(y_l|x) - log ref(y_l|x)]
@@ -44,7 +47,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 
 
 def ipo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float):
+             ref_rejected: torch.Tensor, beta: float) -> LossOutput:
     """IPO (Azar et al. 2023, Eq. 17), on summed log-probs as in the original DPO code:
 
         loss = (h - 1 / (2 * beta))^2,   h as in DPO (beta plays the role of IPO's tau).
@@ -55,7 +58,7 @@ def ipo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 
 
 def hinge_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-               ref_rejected: torch.Tensor, beta: float):
+               ref_rejected: torch.Tensor, beta: float) -> LossOutput:
     """Hinge loss on the DPO margin (SLiC, Zhao et al. 2023; RSO, Liu et al. 2023, Eq. 8):
 
         loss = max(0, 1 - beta * h)
@@ -66,7 +69,7 @@ def hinge_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_c
 
 
 def simpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, chosen_length: torch.Tensor,
-               rejected_length: torch.Tensor, beta: float, gamma: float):
+               rejected_length: torch.Tensor, beta: float, gamma: float) -> LossOutput:
     """SimPO (Meng et al. 2024, Eq. 6): reference-free, length-normalised, with a target margin gamma.
 
         loss = -log sigma(beta / |y_w| * log pi(y_w|x) - beta / |y_l| * log pi(y_l|x) - gamma)
@@ -88,13 +91,15 @@ class Objective:
     ref_free: bool = False
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
-    weight: float = 1.0  # the seed's dpo_weight: a constant factor on the loss
+    weight: float = 1.0  # RefDPO's dpo_weight: a constant factor on the loss
 
     @property
     def uses_reference(self) -> bool:
         return not self.ref_free and self.name != "simpo"
 
-    def __call__(self, policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_length, rejected_length):
+    def __call__(self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                 ref_rejected: torch.Tensor, chosen_length: torch.Tensor, rejected_length: torch.Tensor
+                 ) -> LossOutput:
         """Per-pair (losses, chosen_rewards, rejected_rewards), with the reference zeroed when not used."""
         if not self.uses_reference:
             ref_chosen, ref_rejected = torch.zeros_like(policy_chosen), torch.zeros_like(policy_rejected)

@@ -9,19 +9,79 @@ explicitly all the same: they are what a packed (padding-free) batch resets per 
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from refdpo.data.pairs import PairData
 
 
-def collate_pairs(data: PairData, indices: np.ndarray, weights: np.ndarray, pad_id: int,
-                  pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
-    """Build the model inputs and the per-pair tensors for `indices` (with `weights`, 0 for padding pairs).
+class _Batch(Mapping):
+    """A batch's tensors by name: fields typed and shaped below, and `batch["input_ids"]` as transformers'
+    dicts (and the code that built them) index them."""
 
-    Returns input_ids/attention_mask/position_ids [2B, T]; response_start/lengths [2B]; ref_chosen/ref_rejected/
-    weights float64 [B] (reference zeros when the data has none); num_tokens, the non-padding token count.
-    """
+    def __getitem__(self, key: str):
+        if key not in self._names():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    @classmethod
+    def _names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def to(self, device: torch.device | str) -> _Batch:
+        """The batch with its tensors on `device`."""
+        return dataclasses.replace(self, **{k: v.to(device, non_blocking=True) for k, v in self.items()
+                                            if torch.is_tensor(v)})
+
+
+@dataclass
+class PaddedBatch(_Batch):
+    """B pairs as 2B right-padded rows, the chosen sequences then the rejected ones (collate_pairs)."""
+
+    input_ids: torch.Tensor  # int64 [2B, T]
+    attention_mask: torch.Tensor  # int64 [2B, T]: 1 on real tokens
+    position_ids: torch.Tensor  # int64 [2B, T]
+    response_start: torch.Tensor  # int64 [2B]: index of each sequence's first response token
+    lengths: torch.Tensor  # int64 [2B]: real tokens of each sequence
+    ref_chosen: torch.Tensor  # float64 [B]: stored reference log-probs (zeros when there are none)
+    ref_rejected: torch.Tensor  # float64 [B]
+    weights: torch.Tensor  # float64 [B]: 1 for a real pair, 0 for a pair that only fills the batch
+    num_tokens: torch.Tensor  # int64 []: non-padding tokens
+
+
+@dataclass
+class PackedBatch(_Batch):
+    """The same pairs' sequences packed back to back in R rows (collate_packed); sequence k's response log-probs
+    are predicted at the flattened positions flat_index where segment == k (chosen of pair b: b, rejected: B + b)."""
+
+    input_ids: torch.Tensor  # int64 [R, W]
+    position_ids: torch.Tensor  # int64 [R, W]: restarting at each sequence (or after each shared prompt)
+    attention_mask: torch.Tensor | None  # None (position ids say it all), or bool/float [R, 1, W, W]
+    flat_index: torch.Tensor  # int64 [M]: positions in the flattened [R * W] rows that predict a response token
+    targets: torch.Tensor  # int64 [M]: the token each of them predicts
+    segment: torch.Tensor  # int64 [M]: which of the 2B sequences it belongs to
+    response_start: torch.Tensor  # int64 [2B], of each sequence on its own
+    lengths: torch.Tensor  # int64 [2B]
+    ref_chosen: torch.Tensor  # float64 [B]
+    ref_rejected: torch.Tensor  # float64 [B]
+    weights: torch.Tensor  # float64 [B]
+    num_tokens: torch.Tensor  # int64 []: tokens of the sequences unshared, as collate_pairs counts them
+
+
+
+def collate_pairs(data: PairData, indices: np.ndarray, weights: np.ndarray, pad_id: int,
+                  pad_to_multiple_of: int = 8) -> PaddedBatch:
+    """The model inputs and the per-pair tensors for `indices` (with `weights`, 0 for padding pairs)."""
     seqs = [data.chosen[i] for i in indices] + [data.rejected[i] for i in indices]
     lengths = [len(s.input_ids) for s in seqs]
     width = max(lengths)
@@ -35,17 +95,14 @@ def collate_pairs(data: PairData, indices: np.ndarray, weights: np.ndarray, pad_
         ref_chosen, ref_rejected = data.ref_chosen[indices], data.ref_rejected[indices]
     else:
         ref_chosen = ref_rejected = np.zeros(len(indices))
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": torch.arange(width).expand(len(seqs), width).contiguous(),
-        "response_start": torch.tensor([s.response_start for s in seqs], dtype=torch.long),
-        "lengths": torch.tensor(lengths, dtype=torch.long),
-        "ref_chosen": torch.tensor(ref_chosen, dtype=torch.float64),
-        "ref_rejected": torch.tensor(ref_rejected, dtype=torch.float64),
-        "weights": torch.tensor(weights, dtype=torch.float64),
-        "num_tokens": attention_mask.sum(),
-    }
+    return PaddedBatch(
+        input_ids=input_ids, attention_mask=attention_mask,
+        position_ids=torch.arange(width).expand(len(seqs), width).contiguous(),
+        response_start=torch.tensor([s.response_start for s in seqs], dtype=torch.long),
+        lengths=torch.tensor(lengths, dtype=torch.long),
+        ref_chosen=torch.tensor(ref_chosen, dtype=torch.float64),
+        ref_rejected=torch.tensor(ref_rejected, dtype=torch.float64),
+        weights=torch.tensor(weights, dtype=torch.float64), num_tokens=attention_mask.sum())
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -80,7 +137,7 @@ def _prefix_mask(unit: torch.Tensor, part: torch.Tensor, mask_dtype: torch.dtype
 
 
 def collate_packed(data: PairData, indices: np.ndarray, weights: np.ndarray, pad_id: int, capacity: int = 0,
-                   mask_dtype: torch.dtype | None = None, pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
+                   mask_dtype: torch.dtype | None = None, pad_to_multiple_of: int = 8) -> PackedBatch:
     """The pairs' sequences packed into rows without padding between them (padding-free training).
 
     A row holds whole units back to back. With `mask_dtype` None a unit is one sequence, its position ids
@@ -92,13 +149,8 @@ def collate_packed(data: PairData, indices: np.ndarray, weights: np.ndarray, pad
     itself only, the rejected positions restarting after the prompt.
     Either way every sequence's log-probs are those of its own padded row.
 
-    Rows hold at most max(`capacity`, longest unit) tokens: wider rows waste less padding but cost more
-    attention where the mask is dense. Sequence k (chosen of pair k, rejected of pair k at B + k) gets its
-    response log-probs from the positions flat_index with segment == k.
-
-    Returns input_ids/position_ids [R, W], attention_mask (None or [R, 1, W, W]); flat_index/targets/segment
-    [M]; response_start/lengths [2B] (of each sequence on its own); ref_chosen/ref_rejected/weights float64
-    [B]; num_tokens (of the sequences unshared, as collate_pairs counts them).
+    Rows hold at most max(`capacity`, longest unit) tokens (capacity 1: a unit a row): wider rows waste less
+    padding but cost more attention where the mask is dense.
     """
     padded = collate_pairs(data, indices, weights, pad_id, 1)  # the per-pair tensors, and the sequences
     n = len(indices)
@@ -143,16 +195,10 @@ def collate_packed(data: PairData, indices: np.ndarray, weights: np.ndarray, pad
             position_ids[r, cursor:] = torch.arange(width - cursor)
             at = cursor
     mask = None if mask_dtype is None else _prefix_mask(unit_of, part_of, mask_dtype)
-    return {
-        "input_ids": input_ids,
-        "position_ids": position_ids,
-        "attention_mask": mask,
-        "flat_index": torch.cat(flat_index),
-        "targets": torch.cat(targets).long(),
-        "segment": torch.cat(segment),
-        **{key: padded[key] for key in ("response_start", "lengths", "ref_chosen", "ref_rejected", "weights",
-                                        "num_tokens")},
-    }
+    return PackedBatch(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+                       flat_index=torch.cat(flat_index), targets=torch.cat(targets).long(), segment=torch.cat(segment),
+                       **{key: padded[key] for key in ("response_start", "lengths", "ref_chosen", "ref_rejected",
+                                                       "weights", "num_tokens")})
 
 
 def shares_prompt(data: PairData, i: int) -> bool:
@@ -162,6 +208,8 @@ def shares_prompt(data: PairData, i: int) -> bool:
     return p >= 1 and r.response_start == p and bool(np.array_equal(c.input_ids[:p], r.input_ids[:p]))
 
 
-def to_device(batch: dict, device: torch.device | str) -> dict:
-    """Move a collated batch's tensors to `device`."""
+def to_device(batch: Mapping, device: torch.device | str) -> Mapping:
+    """A batch's tensors moved to `device` (a PaddedBatch or PackedBatch stays one)."""
+    if isinstance(batch, _Batch):
+        return batch.to(device)
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -16,10 +16,10 @@ from refdpo.data.loading import RawSplit, load_split
 from refdpo.data.schema import resolve_ref_columns, validate_records
 from refdpo.data.templates import Encoded, prior_conversation, prior_template, render, tokenize_rendered
 from refdpo.errors import DataError, DataErrors
+from refdpo.tokenization import files_fingerprint
 
 log = logging.getLogger(__name__)
 ON_TRUNCATED = ("drop", "error")
-UNBOUNDED = 1 << 30  # a max_len or row capacity that never binds
 
 
 @dataclass
@@ -135,10 +135,8 @@ def load_pairs(spec, split: str, tokenizer, ref_columns: tuple[str, str] | None,
     keep its first `limit` records (0: all), validate and tokenise them. Returns the whole split as loaded (its
     provenance describes all of it) and the pairs. With `cache` (a sweep's, or evaluate's over checkpoints),
     a split tokenised the same way before, by a tokenizer with the same files, is reused."""
-    from refdpo.provenance import tokenizer_files_fingerprint
-
     key = (spec.dataset, spec.dataset_config, spec.dataset_revision, split, limit, spec.template, spec.max_len,
-           spec.on_truncated, ref_columns, tokenizer_files_fingerprint(tokenizer))
+           spec.on_truncated, ref_columns, files_fingerprint(tokenizer))
     if cache is not None and key in cache:
         return cache[key]
     raw = load_split(spec.dataset, split, spec.dataset_config, spec.dataset_revision)

@@ -1,4 +1,4 @@
-"""The record contract (DESIGN.md §3) and its validation.
+"""The record contract (README: "Data") and its validation.
 
 A record is RefDPO-compatible:
   chosen, rejected   lists of {role, content} messages (system/user/assistant), identical but for the final

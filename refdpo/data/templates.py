@@ -6,7 +6,7 @@ span `ids[response_start:]`): that is the quantity stored as `chosen_logprob`/`r
   tulu    RefDPO's format (from open-instruct): `<|user|>\\n{prompt}\\n<|assistant|>\\n{response}</s>`, system
           turns as `<|system|>\\n`, contents stripped, the whole text stripped, tokenised with the tokenizer's
           special tokens (BOS). Used with --template tulu for Tulu 2 models.
-  zephyr  tulu with an EOS after every user/system turn: the seed's `--insert_eos`, used for Mistral/Zephyr.
+  zephyr  tulu with an EOS after every user/system turn: RefDPO's `--insert_eos`, used for Mistral/Zephyr.
   model   the tokenizer's own chat template; the response starts where the rendering of the conversation
           without its final reply (with the generation prompt) ends. Trailing whitespace after the end
           token is dropped so the span ends at the end-of-turn token.
@@ -34,6 +34,7 @@ from refdpo.errors import ConfigError
 
 TEMPLATES = ("tulu", "zephyr", "model")
 DEFAULT_TEMPLATE = "tulu"  # RefDPO's format
+UNBOUNDED = 1 << 30  # a max_len (or a packed row's capacity) that never binds
 PRIOR_PREFIXES = ("empty_user", "assistant", "bos")
 _TOKENIZE_BATCH = 1024
 

@@ -33,25 +33,12 @@ from refdpo.errors import ConfigError
 from refdpo.io import atomic_write_json, read_jsonl, write_jsonl
 from refdpo.testbed import task
 from refdpo.testbed.models import TEMPLATE
+from refdpo.testbed.report import reference_agreement
+from refdpo.testbed.task import FAMILIES, REFERENCES
 from refdpo.tokenization import save_tokenizer
 
 log = logging.getLogger(__name__)
 MAX_LEN = 128  # tokens: prompt + reply + EOS, with the incompatible tokenizer's two pieces per word
-FAMILIES = {  # run family -> (label, training fields)
-    "dpo": ("DPO, SFT as reference", {"ref_columns": "chosen_logprob,rejected_logprob"}),
-    "ref_free": ("reference-free (posterior)", {"ref_free": True}),
-    "prior": ("prior as reference (likelihood)", {"ref_columns": "prior_chosen_logprob,prior_rejected_logprob"}),
-    "compatible": ("DPO, stronger compatible reference",
-                   {"ref_columns": "compatible_chosen_logprob,compatible_rejected_logprob"}),
-    "incompatible": ("DPO, stronger incompatible reference",
-                     {"ref_columns": "incompatible_chosen_logprob,incompatible_rejected_logprob"}),
-}
-REFERENCES = {  # reference -> (model folder in the seed folder, columns, mode)
-    "self": ("sft", "chosen_logprob,rejected_logprob", "conditional"),
-    "compatible": ("compatible", "compatible_chosen_logprob,compatible_rejected_logprob", "conditional"),
-    "incompatible": ("incompatible", "incompatible_chosen_logprob,incompatible_rejected_logprob", "conditional"),
-    "prior": ("sft", "prior_chosen_logprob,prior_rejected_logprob", "prior"),
-}
 PREPARE_WEIGHT = 10  # a seed's preparation takes about as long as ten training runs (progress bar units)
 
 
@@ -244,40 +231,11 @@ def prepare(cfg: DemoConfig, seed: int) -> dict:
         baselines[f"{name}_ref"] = measure(cfg, seed, model, tok, sft_rewards, sft if name == "compatible" else None)
         baselines[f"{name}_ref"].pop("rewards")
     info = {"seed": seed, "data": data_stats, "baselines": baselines, "sft_rewards": sft_rewards,
-            "references": _reference_agreement(folder / "data"),
+            "references": reference_agreement(folder / "data"),
             "sft_loss": sft_loss, "compatible_loss": compatible_loss, "incompatible_loss": incompatible_loss,
             "seconds": round(time.perf_counter() - start, 1)}
     atomic_write_json(folder / "prepared.json", info)
     return info
-
-
-def _margins(records: list[dict], columns: str) -> np.ndarray:
-    chosen, rejected = columns.split(",")
-    return np.array([r[chosen] - r[rejected] for r in records])
-
-
-def _reference_agreement(data: Path) -> dict:
-    """How each reference sees the pairs. On the held-out pairs: how often it gives the chosen reply more
-    probability (its ranking accuracy against the labels) and how often its margin's sign agrees with r*. On the
-    training pairs: its mean |margin|, and how the DPO margin h at the first step (the SFT model's margin minus
-    the reference's) correlates with how much longer the chosen reply is. The loss weights a pair by
-    sigma(-beta h), so a positive correlation means training learns mostly from pairs whose chosen reply is the
-    shorter one."""
-    val = read_jsonl(data / "val.jsonl")
-    train = read_jsonl(data / "train.jsonl")
-    truth = np.sign([r["chosen_true_reward"] - r["rejected_true_reward"] for r in val])
-    longer = np.array([len(r["chosen"][-1]["content"].split()) - len(r["rejected"][-1]["content"].split())
-                       for r in train])
-    self_margin = _margins(train, REFERENCES["self"][1])
-    out = {}
-    for name, (_, columns, _) in REFERENCES.items():
-        margin, train_margin = _margins(val, columns), _margins(train, columns)
-        start = self_margin - train_margin
-        out[name] = {"ranking_accuracy": float(np.mean(margin > 0) + 0.5 * np.mean(margin == 0)),
-                     "agrees_with_true_reward": float(np.mean(np.sign(margin)[truth != 0] == truth[truth != 0])),
-                     "mean_abs_margin": float(np.abs(train_margin).mean()),
-                     "start_margin_length_corr": None if name == "self" else float(np.corrcoef(start, longer)[0, 1])}
-    return out
 
 
 # --- measuring a policy ----------------------------------------------------------------------------------

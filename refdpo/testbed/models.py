@@ -7,7 +7,6 @@ so what the SFT model learns is exactly what the preference data later calls x a
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -116,11 +115,6 @@ def sample(model, tokenizer, keywords: Sequence[Sequence[str]], *, greedy: bool,
 class _Row:
     input_ids: np.ndarray
     response_start: int
-
-
-def shuffle_rng(seed: int, *salt: object) -> random.Random:
-    """A random.Random for one named purpose of one seed: runs do not depend on what ran before them."""
-    return random.Random(f"{seed}:" + ":".join(map(str, salt)))
 
 
 @torch.no_grad()

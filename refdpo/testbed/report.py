@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from refdpo.io import atomic_write_json, atomic_write_text
+from refdpo.io import atomic_write_json, atomic_write_text, read_jsonl
 from refdpo.tables import csv_text
+from refdpo.testbed.task import FAMILIES, REFERENCES
 
 # t(0.975, df) for df = 1..30; beyond, the normal quantile is within 2%.
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -195,16 +196,12 @@ def findings(res: Results) -> list[dict]:
 
 
 def _label(key: tuple) -> str:
-    from refdpo.testbed.demo import FAMILIES
-
     family, beta = key
     return BASELINES[family] if beta is None else FAMILIES[family][0]
 
 
 def rows(res: Results) -> list[dict]:
     """One row per setting: baselines first, then each family by decreasing beta; mean and interval of each metric."""
-    from refdpo.testbed.demo import FAMILIES
-
     keys = [(b, None) for b in BASELINES] + [(f, b) for f in FAMILIES for b in res.betas(f)]
     out = []
     for key in keys:
@@ -229,8 +226,6 @@ def table(table_rows: list[dict]) -> str:
 
 
 def references_table(prepared: dict) -> str:
-    from refdpo.testbed.demo import REFERENCES
-
     columns = {"ranking_accuracy": ("ranks held-out pairs like the labels", 3),
                "agrees_with_true_reward": ("agrees with r* on held-out pairs", 3),
                "mean_abs_margin": ("mean \\|margin\\| on training pairs, nats", 1),
@@ -251,8 +246,6 @@ def plot(res: Results, folder: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from refdpo.testbed.demo import FAMILIES
 
     def by_beta(ax, metric: str, ylabel: str) -> None:
         for family, (label, _) in FAMILIES.items():
@@ -339,3 +332,34 @@ def write_report(cfg, prepared: dict, runs: list[dict], seconds: float, workers:
               "timing": {"seconds": round(seconds, 1), "workers": workers}}
     atomic_write_json(folder / "results.json", report)
     return {**report, "text": text}
+
+
+# --- how each reference sees the pairs (written by the demo's preparation of a seed) -------------------
+
+def _margins(records: list[dict], columns: str) -> np.ndarray:
+    chosen, rejected = columns.split(",")
+    return np.array([r[chosen] - r[rejected] for r in records])
+
+
+def reference_agreement(data: Path) -> dict:
+    """How each reference sees the pairs. On the held-out pairs: how often it gives the chosen reply more
+    probability (its ranking accuracy against the labels) and how often its margin's sign agrees with r*. On the
+    training pairs: its mean |margin|, and how the DPO margin h at the first step (the SFT model's margin minus
+    the reference's) correlates with how much longer the chosen reply is. The loss weights a pair by
+    sigma(-beta h), so a positive correlation means training learns mostly from pairs whose chosen reply is the
+    shorter one."""
+    val = read_jsonl(data / "val.jsonl")
+    train = read_jsonl(data / "train.jsonl")
+    truth = np.sign([r["chosen_true_reward"] - r["rejected_true_reward"] for r in val])
+    longer = np.array([len(r["chosen"][-1]["content"].split()) - len(r["rejected"][-1]["content"].split())
+                       for r in train])
+    self_margin = _margins(train, REFERENCES["self"][1])
+    out = {}
+    for name, (_, columns, _) in REFERENCES.items():
+        margin, train_margin = _margins(val, columns), _margins(train, columns)
+        start = self_margin - train_margin
+        out[name] = {"ranking_accuracy": float(np.mean(margin > 0) + 0.5 * np.mean(margin == 0)),
+                     "agrees_with_true_reward": float(np.mean(np.sign(margin)[truth != 0] == truth[truth != 0])),
+                     "mean_abs_margin": float(np.abs(train_margin).mean()),
+                     "start_margin_length_corr": None if name == "self" else float(np.corrcoef(start, longer)[0, 1])}
+    return out

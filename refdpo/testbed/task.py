@@ -161,3 +161,22 @@ def _wrap(tok):
                                         additional_special_tokens=[SPECIAL["sep"]])
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+# --- the demo's run families and references (testbed/demo.py runs them, testbed/report.py tabulates) ---
+
+FAMILIES = {  # run family -> (label, training fields)
+    "dpo": ("DPO, SFT as reference", {"ref_columns": "chosen_logprob,rejected_logprob"}),
+    "ref_free": ("reference-free (posterior)", {"ref_free": True}),
+    "prior": ("prior as reference (likelihood)", {"ref_columns": "prior_chosen_logprob,prior_rejected_logprob"}),
+    "compatible": ("DPO, stronger compatible reference",
+                   {"ref_columns": "compatible_chosen_logprob,compatible_rejected_logprob"}),
+    "incompatible": ("DPO, stronger incompatible reference",
+                     {"ref_columns": "incompatible_chosen_logprob,incompatible_rejected_logprob"}),
+}
+REFERENCES = {  # reference -> (model folder in the seed folder, columns, mode)
+    "self": ("sft", "chosen_logprob,rejected_logprob", "conditional"),
+    "compatible": ("compatible", "compatible_chosen_logprob,compatible_rejected_logprob", "conditional"),
+    "incompatible": ("incompatible", "incompatible_chosen_logprob,incompatible_rejected_logprob", "conditional"),
+    "prior": ("sft", "prior_chosen_logprob,prior_rejected_logprob", "prior"),
+}

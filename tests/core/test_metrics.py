@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from refdpo.core.metrics import TIE_NATS, PairStats
+from refdpo.core.metrics import TIE_NATS, MetricsLog, PairStats
 
 D = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
 
@@ -46,3 +48,26 @@ def test_reset():
     stats.add(outputs([1.0] * 3, [0.0] * 3, [0.0] * 3, [0.0] * 3, [0.0] * 3), D(1, 1, 1), num_tokens=3)
     stats.reset()
     assert stats.reduce()["pairs"] == 0
+
+# --- metrics.jsonl ------------------------------------------------------------------------------------------
+
+
+class MainProcess:
+    is_main_process = True
+    trackers: list = []
+
+
+def test_resume_truncates_after_the_checkpoint_and_drops_a_cut_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 0.1 * s}) for s in (1, 2, 3, 4)]
+    path.write_text("\n".join(lines) + "\n" + '{"step": 5, "lo')  # killed while writing step 5
+    log = MetricsLog(tmp_path, MainProcess(), resume_step=2)
+    log.write({"step": 3, "loss": 9.0})
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and records[-1]["loss"] == 9.0
+
+
+def test_fresh_start_after_a_kill_before_the_first_checkpoint(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0, "val_loss": 0.69}) + "\n")
+    MetricsLog(tmp_path, MainProcess(), resume_step=-1)
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
