@@ -487,12 +487,13 @@ def child_refdpo(spec: dict, device: torch.device) -> dict:
         _sync(device)
         seconds = time.perf_counter() - t0
         indices = np.concatenate([ix for ix, _ in args["micro_batches"]]).tolist()
-        collate = args["collate"]
+        run = args["run"]  # refdpo.commands.train.Run: what the step trains on, and its layout
+        collate = run.collate
         name = getattr(getattr(collate, "func", collate), "__name__", str(collate))
         if isinstance(collate, partial) and collate.keywords:
             name += "(" + ", ".join(f"{k}={v}" for k, v in collate.keywords.items()) + ")"
         steps.append({"seconds_wrapped": seconds, "indices": indices, "collate": name,
-                      **batch_shape(args["data"], indices)})
+                      **batch_shape(run.train_data, indices)})
         if i == last:
             window.stop()
         return result

@@ -200,6 +200,10 @@ def main(argv: list[str] | None = None) -> None:
     from refdpo.allocator import tune_allocator
 
     tune_allocator()  # before any tensor exists: the CPU allocator setting that doubles small-model steps
+    import torch
+
+    # DeepSpeed (when installed) otherwise warns in every process of a machine without a GPU that it found none.
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     try:
         code = COMMANDS[argv[0]](argv[1:])
     except RefdpoError as e:
