@@ -3,6 +3,7 @@ given tokenizer, so that every tool sees the same text and the same lengths (tra
 
 from __future__ import annotations
 
+import itertools
 import random
 
 PROMPT_TOKENS = (32, 128)  # the templated prompt, BOS and markers included
@@ -36,11 +37,13 @@ class TextMaker:
         self.rng = random.Random(seed)
         self.words = _lexicon(self.rng)
         self.weights = [1.0 / (rank + 1) ** 1.05 for rank in range(len(self.words))]
+        # What random.choices computes from `weights` on every call (the same draws, ~30x faster sentences).
+        self.cum_weights = list(itertools.accumulate(self.weights))
         self._cost: dict[str, int] = {}
         self.tokenizer = None
 
     def sentence(self) -> str:
-        words = self.rng.choices(self.words, self.weights, k=self.rng.randint(4, 20))
+        words = self.rng.choices(self.words, cum_weights=self.cum_weights, k=self.rng.randint(4, 20))
         if len(words) > 8 and self.rng.random() < 0.4:
             words[self.rng.randrange(2, len(words) - 2)] += ","
         return " ".join(words).capitalize() + self.rng.choice([".", ".", ".", "?", "!"])

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import refdpo.core.forward as ev
     from refdpo.allocator import tune_allocator
-    from refdpo.commands.train import TrainConfig
+    from refdpo.commands.train_config import TrainConfig
     from refdpo.core.verify import choose_collate
     from refdpo.data import collate_pairs, load_pairs, parse_ref_columns
     from refdpo.io import atomic_write_json
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                       max_len=512, attn_implementation="sdpa", gradient_checkpointing=False).validate()
     tokenizer = load_tokenizer(cfg.model)
     pad_id = pad_token_id(tokenizer)
-    _, data = load_pairs(cfg, args.split, tokenizer, parse_ref_columns(cfg.ref_columns))
+    data = load_pairs(cfg, args.split, tokenizer, parse_ref_columns(cfg.ref_columns))
     accelerator = Accelerator(cpu=True)
     model = load_policy(cfg, accelerator.device).eval()
     packed = choose_collate(model, data, pad_id, accelerator.device, True)

@@ -169,7 +169,7 @@ def naive_scores(model: torch.nn.Module, data: PairData) -> tuple[np.ndarray, np
     device = next(model.parameters()).device
     for side, seqs in enumerate((data.chosen, data.rejected)):
         for i, seq in enumerate(seqs):
-            ids = torch.from_numpy(seq.input_ids)[None].to(device)
+            ids = torch.from_numpy(seq.input_ids).long()[None].to(device)
             logits = model(ids).logits[0, :-1].float()
             logps = torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None]).squeeze(1)
             out[side, i] = logps[seq.response_start - 1:].double().sum().item()

@@ -465,7 +465,7 @@ def _step_records(steps: list[dict], warmup: int) -> list[dict]:
 
 def child_refdpo(spec: dict, device: torch.device) -> dict:
     import refdpo.commands.train as rt
-    from refdpo.commands.train import TrainConfig
+    from refdpo.commands.train_config import TrainConfig
 
     setup = Path(spec["setup_dir"])
     plan = json.loads((setup / "plan.json").read_text())

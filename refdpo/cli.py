@@ -8,8 +8,12 @@
   refdpo judge OUTPUTS.json [...] [--table evaluate.json]     AlpacaEval 2 length-controlled win rates
   refdpo analyze tokens --models CKPT... --reference REF --dataset D   token-level log-prob shifts, EOS
   refdpo sweep --grid GRID.yaml [--dry-run]                  a grid of runs, evaluated into one table
+  refdpo merge --adapter RUN/best --out DIR                  fold a LoRA run's adapter into its base model
   refdpo tiny --out DIR                                    a tiny offline model + synthetic dataset to try it on
   refdpo demo [--quick] [--out DIR]                        the paper's three questions on a controlled task, CPU
+  refdpo --version
+
+Every command takes --help, --config FILE.yaml and --field value (booleans: --flag, --flag false, --no-flag).
 
 Errors caused by input (config, data, paths) are printed as one line per problem and exit with status 2.
 """
@@ -47,9 +51,15 @@ def _setup_logging() -> None:
 
 
 def _train(argv: list[str]) -> int:
-    from refdpo.commands.train import parse_train_args, train
+    from refdpo.commands.train import train
+    from refdpo.commands.train_config import parse_train_args
 
     summary = train(parse_train_args(argv))
+    if summary.get("dry_run"):
+        from refdpo.commands.dry_run import format_report
+
+        print(format_report(summary))
+        return 0
     if _is_main_process():
         val = summary["last_val"] or {}
         print(f"done: {summary['steps']} steps in {summary['run_dir']}; best val loss "
@@ -65,6 +75,11 @@ def _score(argv: list[str]) -> int:
     cfg = parse_args(ScoreConfig, argv, "refdpo score", "Compute a reference's summed log-probs of every "
                      "chosen and rejected response, written as two columns next to the original fields.")
     summary = score(cfg)
+    if summary.get("dry_run"):
+        from refdpo.commands.dry_run import format_report
+
+        print(format_report(summary))
+        return 0
     if _is_main_process():
         cov = summary["coverage"]
         print(f"scored {summary['pairs']} of {summary['rows_in']} pairs ({summary['dropped_truncated']} dropped: "
@@ -160,6 +175,19 @@ def _sweep(argv: list[str]) -> int:
     return 0
 
 
+def _merge(argv: list[str]) -> int:
+    from refdpo.commands.merge import MergeConfig, merge
+    from refdpo.config import parse_args
+
+    cfg = parse_args(MergeConfig, argv, "refdpo merge", "Merge a `refdpo train --lora` checkpoint's adapter into "
+                     "its base model: a plain model folder (safetensors + tokenizer + merge.json).")
+    done = merge(cfg)
+    lora = done["lora"]
+    print(f"merged {done['adapter']} (LoRA r {lora['r']}, alpha {lora['alpha']}) into {done['base']}; wrote "
+          f"{done['out']} ({done['dtype']})")
+    return 0
+
+
 def _tiny(argv: list[str]) -> int:
     from refdpo.config import parse_args
     from refdpo.testbed.tiny import TinyConfig, build_tiny
@@ -188,11 +216,17 @@ def _demo(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": _train, "score": _score, "check": _check, "evaluate": _evaluate, "generate": _generate,
-            "judge": _judge, "analyze": _analyze, "sweep": _sweep, "tiny": _tiny, "demo": _demo}
+            "judge": _judge, "analyze": _analyze, "sweep": _sweep, "merge": _merge, "tiny": _tiny,
+            "demo": _demo}
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--version"]:
+        from refdpo import __version__
+
+        print(f"refdpo {__version__}")
+        sys.exit(0)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
@@ -200,10 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     from refdpo.allocator import tune_allocator
 
     tune_allocator()  # before any tensor exists: the CPU allocator setting that doubles small-model steps
-    import torch
+    import refdpo.engine  # noqa: F401  (sets DS_ACCELERATOR before anything imports DeepSpeed)
 
-    # DeepSpeed (when installed) otherwise warns in every process of a machine without a GPU that it found none.
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     try:
         code = COMMANDS[argv[0]](argv[1:])
     except RefdpoError as e:

@@ -1,20 +1,23 @@
-"""Configuration: `option()` (a field's default and help, one source for both), the specs several commands
-share (ModelSpec, DataSpec, InferenceSpec, ObjectiveSpec, LayoutSpec), and parsing any command's config
-dataclass from YAML and flags.
+"""Configuration: `option()` (a field's default and help, one source for both), `Config` (what every
+command's settings share: coerced and checked on construction, from code, YAML or flags alike), the specs
+several commands share (ModelSpec, DataSpec, InferenceSpec, ObjectiveSpec, LayoutSpec), and parsing.
 
 Precedence: dataclass defaults < `--config FILE.yaml` < command-line flags. Every field is a flag
-(`--max_lr 1e-6`, also spelled `--max-lr`); booleans take `--flag` / `--no-flag`; a command may add aliases
-(`refdpo train` takes the flag names of RefDPO's released code: commands/train.py).
+(`--max_lr 1e-6`, also spelled `--max-lr`); booleans take `--flag`, `--flag true|false|1|0` and `--no-flag`.
+A config class may declare other tools' names for its fields (`ALIASES`: TRL's and transformers' names, the
+flags of RefDPO's released code); they work as flags and as YAML keys.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
@@ -33,9 +36,60 @@ def option(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+class Config:
+    """The base of every command's settings (a dataclass). Constructed from code, YAML or flags, its fields
+    are coerced to their types and checked by `validate()`, with the messages the command line gives:
+    `TrainConfig(beta=-1)` raises "--beta must be a positive number".
+
+    REQUIRED: {field: message} for inputs that must be given before the command runs (`require()`: a field
+    given as an object instead, like a loaded model, is exempt); a subclass maps a field to None to lift it.
+    ALIASES: {group: {flag: (field, value as a bare switch, or None when it takes a value)}}; a field of None
+    is a flag accepted and ignored.
+    """
+
+    REQUIRED: ClassVar[dict[str, str | None]] = {}
+    ALIASES: ClassVar[dict[str, dict[str, tuple[str | None, object]]]] = {}
+
+    def __post_init__(self) -> None:
+        source = type(self).__name__
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(type(self), f.name, getattr(self, f.name), source))
+        self.validate()
+
+    def validate(self):
+        return self
+
+    def require(self, *given: str):
+        """Raise a ConfigError for the first required input that is empty (`given`: supplied otherwise)."""
+        for name, message in _merged(type(self), "REQUIRED").items():
+            if message is not None and name not in given and not getattr(self, name):
+                raise ConfigError(message)
+        return self
+
+
+def _merged(cls: type, attribute: str) -> dict:
+    """A class attribute's dicts merged along the inheritance chain (the subclass wins)."""
+    merged: dict = {}
+    for klass in reversed(cls.__mro__):
+        for key, value in vars(klass).get(attribute, {}).items():
+            if isinstance(value, dict):
+                merged.setdefault(key, {}).update(value)
+            else:
+                merged[key] = value
+    return merged
+
+
+def aliases(cls: type) -> dict[str, tuple[str | None, object]]:
+    """{flag: (field, switch value)} of every alias group of `cls`."""
+    return {flag: target for group in _merged(cls, "ALIASES").values() for flag, target in group.items()}
+
+
 @dataclass
-class ModelSpec:
+class ModelSpec(Config):
     """Which model and tokenizer to load (shared by train, score and check)."""
+
+    REQUIRED: ClassVar = {"model": "--model is required"}
+    ALIASES: ClassVar = {"TRL and transformers": {"--model_name_or_path": ("model", None)}}
 
     model: str = option("", "hub id or local folder (train; RefDPO: --model_type)")
     revision: str | None = option(None, "model revision (branch, tag or commit) on the hub")
@@ -46,8 +100,12 @@ class ModelSpec:
 
 
 @dataclass
-class DataSpec:
+class DataSpec(Config):
     """Where the pairs are and how they become tokens (shared by train, score and check)."""
+
+    REQUIRED: ClassVar = {"dataset": "--dataset is required"}
+    ALIASES: ClassVar = {"TRL and transformers": {"--dataset_name": ("dataset", None),
+                                                  "--max_length": ("max_len", None)}}
 
     dataset: str = option("", "hub id (yale-nlp/RefDPO), folder, .jsonl/.parquet file, or save_to_disk folder")
     dataset_config: str | None = option(None, "hub config, e.g. mistral, tulu2, mistral_prior, mistralv2, llama3 "
@@ -56,11 +114,11 @@ class DataSpec:
     template: str = option(DEFAULT_TEMPLATE, f"chat format: {' | '.join(TEMPLATES)} (RefDPO --insert_eos = zephyr)")
     max_len: int = option(2048, "tokens per sequence; longer sequences are truncated at the end")
     on_truncated: str = option("drop", f"pairs whose response is truncated away: {' | '.join(ON_TRUNCATED)}")
+    cache_dir: str = option("", "where tokenised splits are cached ('': $REFDPO_CACHE, else ~/.cache/refdpo; "
+                                "none: no cache)")
 
-    def spec_checks(self, model_required: bool = True) -> list[tuple[bool, str]]:
+    def spec_checks(self) -> list[tuple[bool, str]]:
         return [
-            (bool(self.model) or not model_required, "--model is required"),
-            (bool(self.dataset), "--dataset is required"),
             (self.template in TEMPLATES, f"--template must be one of {', '.join(TEMPLATES)}"),
             (self.on_truncated in ON_TRUNCATED, f"--on_truncated must be one of {', '.join(ON_TRUNCATED)}"),
             (self.max_len > 1, "--max_len must be > 1"),
@@ -71,7 +129,7 @@ BACKENDS = ("hf", "vllm")
 
 
 @dataclass
-class InferenceSpec:
+class InferenceSpec(Config):
     """How a frozen model runs (shared by score and generate)."""
 
     dtype: str = option("auto", "auto (bfloat16 on a GPU that has it, else float32) | float32 | bfloat16 | float16")
@@ -96,7 +154,7 @@ def check_all(checks: list[tuple[bool, str]]) -> None:
 
 
 @dataclass
-class ObjectiveSpec:
+class ObjectiveSpec(Config):
     """The objective, its KL strength and which stored reference it compares with (train and evaluate)."""
 
     loss: str = option("dpo", f"objective: {' | '.join(OBJECTIVES)}")
@@ -122,7 +180,7 @@ class ObjectiveSpec:
 
 
 @dataclass
-class LayoutSpec:
+class LayoutSpec(Config):
     """How a batch's sequences are laid out in rows (train and evaluate; core/verify.py picks it)."""
 
     packing: bool = option(True, "pack each micro-batch's sequences into rows without padding (position ids restart "
@@ -134,10 +192,7 @@ class LayoutSpec:
         return [(self.pack_capacity >= 0, "--pack_capacity must be >= 0")]
 
 
-
-
-
-
+@functools.cache
 def _field_types(cls: type) -> dict[str, type]:
     hints = typing.get_type_hints(cls)
     out = {}
@@ -146,6 +201,20 @@ def _field_types(cls: type) -> dict[str, type]:
         args = [a for a in typing.get_args(t) if a is not type(None)]
         out[f.name] = args[0] if args else t
     return out
+
+
+def _parse_int(text: str) -> int:
+    """An integer; "3.0" too (transformers' scripts write `--num_train_epochs 3.0`)."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            number = float(text)
+        except ValueError:
+            number = math.nan
+        if number.is_integer():
+            return int(number)
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 def _parse_bool(text: str) -> bool:
@@ -157,10 +226,45 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
 
 
-def build_parser(prog: str, cls: type, description: str | None = None,
-                 aliases: dict | None = None) -> argparse.ArgumentParser:
-    """One flag per field of the dataclass `cls` (`--name` and `--name-with-dashes`), plus `--config`."""
-    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description=description)
+class _Bool(argparse.Action):
+    """`--flag` (true), `--flag VALUE` (true/false, 1/0, yes/no, on/off) and `--no-flag` (false)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        negatives = [f"--no-{o[2:]}" for o in option_strings if o.startswith("--")]
+        super().__init__([*option_strings, *negatives], dest, nargs="?", type=_parse_bool, **kwargs)
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if option_string.startswith("--no-"):
+            if value is not None:
+                parser.error(f"{option_string} takes no value")
+            value = False
+        setattr(namespace, self.dest, True if value is None else value)
+
+
+class _Switch(argparse.Action):
+    """An alias that sets a field to a fixed value (`--insert_eos` = `--template zephyr`, `--bf16` =
+    `--mixed_precision bf16`); `--bf16 false`, as transformers' scripts write it, sets nothing."""
+
+    def __init__(self, option_strings, dest, switch_value, **kwargs):
+        # Not argparse's `const`: it would go through `type` when the flag comes bare.
+        super().__init__(option_strings, dest, nargs="?", type=_parse_bool, **kwargs)
+        self.switch_value = switch_value
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if value is None or value:
+            setattr(namespace, self.dest, self.switch_value)
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line (the usage of a command with 80 flags is a screenful): `--help` has it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser(prog: str, cls: type, description: str | None = None) -> argparse.ArgumentParser:
+    """One flag per field of the dataclass `cls` (`--name` and `--name-with-dashes`), its aliases, `--config`."""
+    parser = _Parser(prog=prog, allow_abbrev=False, description=description)
     parser.add_argument("--config", help="YAML file of field: value (flags given here override it)")
     types = _field_types(cls)
     for f in dataclasses.fields(cls):
@@ -168,23 +272,27 @@ def build_parser(prog: str, cls: type, description: str | None = None,
         kind = types[f.name]
         help_text = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")  # argparse formats with %
         if kind is bool:
-            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(*flags, dest=f.name, action=_Bool, default=argparse.SUPPRESS, help=help_text,
+                                metavar="BOOL")
         else:
-            parser.add_argument(*flags, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text,
-                                metavar=f.name.upper())
-    if aliases:
-        upstream = parser.add_argument_group("aliases: the flags of RefDPO's released code")
-        for flag, (dest, switch_value) in aliases.items():
+            parser.add_argument(*flags, dest=f.name, type=_parse_int if kind is int else kind,
+                                default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper())
+    for group_name, group in _merged(cls, "ALIASES").items():
+        section = parser.add_argument_group(f"aliases: {group_name}")
+        for flag, (dest, switch_value) in group.items():
             if dest is None:
-                upstream.add_argument(flag, action="store_true", default=argparse.SUPPRESS, dest=f"_ignored{flag}",
-                                  help="accepted for compatibility with RefDPO's commands; no effect")
+                section.add_argument(flag, action="store_true", default=argparse.SUPPRESS,
+                                     dest=f"_ignored{flag}", help="accepted for compatibility; no effect")
+            elif types[dest] is bool:
+                section.add_argument(flag, dest=dest, action=_Bool, default=argparse.SUPPRESS,
+                                     help=f"= --{dest}", metavar="BOOL")
             elif switch_value is not None:
-                upstream.add_argument(flag, action="store_const", const=switch_value, dest=dest,
-                                  default=argparse.SUPPRESS, help=f"= --{dest} {switch_value}")
+                section.add_argument(flag, action=_Switch, switch_value=switch_value, dest=dest,
+                                     default=argparse.SUPPRESS, help=f"= --{dest} {switch_value}", metavar="BOOL")
             else:
-                upstream.add_argument(flag, dest=dest, type=types[dest], default=argparse.SUPPRESS,
-                                  help=f"= --{dest}", metavar=dest.upper())
+                kind = types[dest]
+                section.add_argument(flag, dest=dest, type=_parse_int if kind is int else kind,
+                                     default=argparse.SUPPRESS, help=f"= --{dest}", metavar=dest.upper())
     return parser
 
 
@@ -221,30 +329,48 @@ def _coerce(cls: type, name: str, value: object, source: str) -> object:
 
 
 def coerce_fields(values: dict, source: str, cls: type, ignore_unknown: bool = False) -> dict:
-    """Check names and types of `values` (from YAML or code); errors name the source and the field.
-    `ignore_unknown`: drop fields `cls` does not have (a command reading the training config's YAML)."""
+    """Check names and types of `values` (from YAML or code); errors name the source and the field. Aliases
+    (`learning_rate: 1e-6`) become their fields. `ignore_unknown`: drop fields `cls` does not have (a command
+    reading the training config's YAML)."""
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    resolved: dict = {}
+    for key, value in values.items():
+        target = aliases(cls).get(f"--{key}")
+        if key in names or target is None:
+            resolved[key] = value
+        elif target[0] is not None:  # an ignored alias is dropped
+            dest, switch_value = target
+            if switch_value is None or _field_types(cls)[dest] is bool:
+                resolved[dest] = value
+            elif _coerce_bool(value, source, key):
+                resolved[dest] = switch_value
+    unknown = sorted(set(resolved) - names)
     if unknown and not ignore_unknown:
         raise ConfigError(f"{source}: unknown field(s): {', '.join(unknown)}")
-    return {k: _coerce(cls, k, v, source) for k, v in values.items() if k in names}
+    return {k: _coerce(cls, k, v, source) for k, v in resolved.items() if k in names}
+
+
+def _coerce_bool(value: object, source: str, name: str) -> bool:
+    try:
+        return value if isinstance(value, bool) else _parse_bool(value)
+    except argparse.ArgumentTypeError:
+        raise ConfigError(f"{source}: field '{name}' must be bool, got {value!r}") from None
 
 
 def from_dict(values: dict, cls: type, source: str = "config"):
-    return cls(**coerce_fields(values, source, cls)).validate()
+    return cls(**coerce_fields(values, source, cls))
 
 
 def parse_args(cls: type, argv: list[str] | None, prog: str, description: str | None = None,
-               ignore_unknown_yaml: bool = False, aliases: dict | None = None):
-    """defaults < YAML (--config) < flags, for the config dataclass `cls`; returns it validated. `aliases`:
-    {flag: (field, value as a bare switch, or None when it takes a value)}, other tools' names for fields."""
-    args = vars(build_parser(prog, cls, description, aliases).parse_args(argv))
+               ignore_unknown_yaml: bool = False, require: bool = True):
+    """defaults < YAML (--config) < flags, for the config dataclass `cls`; returns it validated (and, with
+    `require`, with its required inputs given)."""
+    args = vars(build_parser(prog, cls, description).parse_args(argv))
     path = args.pop("config", None)
     values = coerce_fields(load_yaml(path), str(path), cls, ignore_unknown_yaml) if path else {}
     values.update({k: v for k, v in args.items() if not k.startswith("_ignored")})
-    return cls(**values).validate()
-
-
+    config = cls(**values)
+    return config.require() if require else config
 
 
 def save_yaml(config, path: Path) -> None:

@@ -18,9 +18,13 @@ from pathlib import Path
 
 import torch
 
-from refdpo.errors import ConfigError
+from refdpo.errors import ConfigError, RefdpoError
 
 ENGINES = {"DEEPSPEED": "DeepSpeed", "FSDP": "FSDP"}
+
+# DeepSpeed (when installed) otherwise warns on stdout, in every process of a machine without a GPU, that it
+# found none; every command and the Python API import this module before anything imports DeepSpeed.
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _flag(name: str) -> bool:
@@ -155,3 +159,21 @@ def keep_fsdp2_outputs_dtype(accelerator) -> None:
     policy = getattr(plugin, "mixed_precision_policy", None)
     if getattr(plugin, "fsdp_version", 1) == 2 and getattr(policy, "output_dtype", None) is not None:
         plugin.mixed_precision_policy = dataclasses.replace(policy, output_dtype=None)
+
+
+def main_process_first(accelerator, load):
+    """`load()` in the main process first, then in the others (which then find its work in the disk cache).
+    Unlike accelerate's context manager, an error in the main process still reaches the barrier, so no process
+    waits forever: the others then meet the same error in their own `load()`."""
+    if accelerator.num_processes == 1:
+        return load()
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = load()
+        except RefdpoError as e:
+            error = e
+    accelerator.wait_for_everyone()
+    if error is not None:
+        raise error
+    return result if accelerator.is_main_process else load()

@@ -1,10 +1,13 @@
-"""Files written so that a kill at any moment loses nothing already written (temp file, fsync, rename), and
-JSON lines."""
+"""Files and folders written so that a kill at any moment loses nothing already written (temp file, fsync,
+rename; a folder built beside its target and swapped in), and JSON lines."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -26,6 +29,31 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: object) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to fill; when the block completes it replaces `path` (an existing one is
+    moved aside first, then removed), and when it fails it is removed: `path` is never a half-written folder
+    (between the two renames it is briefly absent). Whether replacing is allowed is the caller's decision."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process with our pid (a container's pid 1)
+    tmp.mkdir(parents=True)
+    old = None
+    try:
+        yield tmp
+        if path.exists() or path.is_symlink():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None and old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
+    elif old is not None:
+        old.unlink()
 
 
 def write_jsonl(path: str | Path, records: list[dict]) -> None:

@@ -45,11 +45,20 @@ def _from_pretrained(spec, dtype: torch.dtype, attn: str, **kwargs) -> torch.nn.
         raise RefdpoError(f"cannot load model {spec.model!r}: {first_line(e) or type(e).__name__}") from None
 
 
-def load_policy(cfg, device: torch.device) -> torch.nn.Module:
-    """The trainable policy, as configured. Under DeepSpeed ZeRO-3 the Accelerator must exist already, so
-    that from_pretrained partitions the weights while loading them."""
-    attn = resolve_attn_implementation(cfg.attn_implementation, device)
-    model = _from_pretrained(cfg, getattr(torch, cfg.dtype), attn)
+def load_policy(cfg, device: torch.device, model: torch.nn.Module | None = None) -> torch.nn.Module:
+    """The trainable policy, as configured: loaded, or `model` (already loaded, from the Python API) prepared the
+    same way. Under DeepSpeed ZeRO-3 the Accelerator must exist already, so that from_pretrained partitions the
+    weights while loading them (a model handed over is partitioned only when accelerate prepares it)."""
+    if model is None:
+        attn = resolve_attn_implementation(cfg.attn_implementation, device)
+        model = _from_pretrained(cfg, getattr(torch, cfg.dtype), attn)
+    else:
+        dtype = next(model.parameters()).dtype
+        if dtype != getattr(torch, cfg.dtype):
+            raise ConfigError(f"the model given has {str(dtype).removeprefix('torch.')} weights but the config says "
+                              f"dtype {cfg.dtype}: set dtype to match (the run records it)")
+        if cfg.lora and hasattr(model, "peft_config"):
+            raise ConfigError("the model given has LoRA adapters already: train them with lora=False")
     model.config.use_cache = False
     if cfg.gradient_checkpointing and not cfg.compile:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -33,7 +33,7 @@ _EDGE_BYTES = 1 << 20
 
 # --- where a split's provenance lives ----------------------------------------------------------------------
 
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 FOLDER_SIDECAR = "refdpo_provenance.json"
 
 
@@ -254,24 +254,26 @@ def reference_entry(cfg, model, tokenizer, rendered: str, raw, data, weights: st
     }
 
 
-def check_for_training(raw, data, tokenizer, cfg, strict: bool = False) -> None:
+def check_for_training(data, tokenizer, cfg, strict: bool = False) -> None:
     """Compare how a split's reference columns were scored (its provenance) with the run about to use them
     (`cfg`: model, revision, template, max_len): log what matches, warn on what would make the stored log-probs
-    mean something else than intended, or with `strict` refuse (ConfigError). `raw`: the whole split."""
-    columns = data.stats["ref_columns"]
-    entry = read(raw.provenance).get(column_key(columns))
+    mean something else than intended, or with `strict` refuse (ConfigError). `data`: a PairData, whose
+    `origin` describes the whole split it came from."""
+    columns, origin = data.stats["ref_columns"], data.origin
+    sidecar = Path(origin["provenance"]) if origin.get("provenance") else None
+    entry = read(sidecar).get(column_key(columns))
     if entry is None:
         log.info("%s: no provenance for %s (not written by refdpo score): how they were scored is unchecked",
-                 raw.source, ",".join(columns))
+                 data.source, ",".join(columns))
         return
     longest = max(e.full_length for seqs in (data.chosen, data.rejected) for e in seqs)
     warnings, notes = training_report(entry, model=cfg.model, revision=cfg.revision, tokenizer=tokenizer,
-                                      template=cfg.template, max_len=cfg.max_len, rows=len(raw.records),
-                                      longest=longest, conversations=records_fingerprint(raw.records, CONVERSATIONS))
+                                      template=cfg.template, max_len=cfg.max_len, rows=origin["rows_total"],
+                                      longest=longest, conversations=origin.get("conversations_sha256"))
     for note in notes:
-        log.info("%s: %s", raw.source, note)
+        log.info("%s: %s", data.source, note)
     if warnings and strict:
-        raise ConfigError(f"{raw.source}: the reference log-probs do not match this run (--strict): "
+        raise ConfigError(f"{data.source}: the reference log-probs do not match this run (--strict): "
                           + "; ".join(warnings))
     for warning in warnings:
-        log.warning("%s: %s (--strict refuses this)", raw.source, warning)
+        log.warning("%s: %s (--strict refuses this)", data.source, warning)

@@ -4,6 +4,7 @@ random-init Llama, synthetic pairs in the RefDPO schema). Nothing is downloaded.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The disk cache of tokenised splits (data/cache.py): one per test session, never the user's ~/.cache/refdpo.
+os.environ["REFDPO_CACHE"] = tempfile.mkdtemp(prefix="refdpo-test-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def train_config(setup: Path, out: Path, **overrides):
     """A TrainConfig for the tiny setup: small, fast, fp32 on the CPU, no trackers."""
-    from refdpo.commands.train import TrainConfig
+    from refdpo.commands.train_config import TrainConfig
     from refdpo.config import from_dict
 
     values = dict(model=str(setup / "model"), dataset=str(setup / "data"), template="tulu", max_len=512,

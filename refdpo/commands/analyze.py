@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -36,6 +37,8 @@ from refdpo.tokenization import load_tokenizer
 
 @dataclass
 class AnalyzeConfig(DataSpec, ModelSpec):
+    REQUIRED: ClassVar = {"reference": "--reference is required"}
+
     reference: str = option("", "the reference (SFT) model the policies are compared with")
     split: str = option("val", "split name, or a path to its file")
     out: str = option("analysis", "folder for the plots and tables")
@@ -47,7 +50,6 @@ class AnalyzeConfig(DataSpec, ModelSpec):
 
     def validate(self) -> AnalyzeConfig:
         check_all(self.spec_checks() + [
-            (bool(self.reference), "--reference is required"),
             (min(self.min_count, self.top_k, self.bins, self.batch_size) >= 1,
              "--min_count, --top_k, --bins and --batch_size must be >= 1"),
         ])
@@ -172,7 +174,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     device = default_device()
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.reference, cfg.revision, cfg.trust_remote_code)
     check_template(cfg.template, tokenizer)
-    _, data = load_pairs(cfg, cfg.split, tokenizer, None, cfg.max_pairs)
+    data = load_pairs(cfg, cfg.split, tokenizer, None, cfg.max_pairs)
     names = [m.strip() for m in cfg.model.split(",") if m.strip()]
     for name in names:  # per-token differences need one vocabulary
         theirs = load_tokenizer(model_path(name), cfg.revision, cfg.trust_remote_code)

@@ -20,6 +20,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -40,6 +41,8 @@ WEAK_LENGTH_CORRELATION = -0.3
 
 @dataclass
 class CheckConfig(DataSpec, ModelSpec):
+    REQUIRED: ClassVar = {"model": None}  # without --model: statistics and provenance only
+
     split: str = option("train", "split name, or a path to its file")
     ref_columns: str = option("", "column pair CHOSEN,REJECTED to check (default: every pair with provenance, "
                                   "else chosen_logprob,rejected_logprob)")
@@ -48,7 +51,7 @@ class CheckConfig(DataSpec, ModelSpec):
     report: str | None = option(None, "also write the report as JSON to this file")
 
     def validate(self) -> CheckConfig:
-        check_all(self.spec_checks(model_required=False) + [
+        check_all(self.spec_checks() + [
             (self.sample >= 1, "--sample must be >= 1"), (self.tolerance > 0, "--tolerance must be > 0")])
         return self
 

@@ -59,6 +59,8 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     Ties count 0.5 in both accuracies (metrics.py): log-probs within 1e-4 nats, rewards within beta x 1e-4."""
     from accelerate import Accelerator
 
+    cfg = cfg.validate().require()  # fields may have been set since the config was made
+
     reset_accelerate_state()
     accelerator = Accelerator(cpu=start_processes())  # a CPU launch: one gloo group, not independent processes
     rows, tokenised = [], {}  # checkpoints with the same tokenizer files share one tokenisation of the split
@@ -68,7 +70,7 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
         spec = dataclasses.replace(cfg, model=path)
         tokenizer = load_tokenizer(cfg.tokenizer or path, cfg.revision, cfg.trust_remote_code)
         check_template(cfg.template, tokenizer)
-        _, data = load_pairs(cfg, cfg.split, tokenizer, columns, cfg.max_pairs, tokenised)
+        data = load_pairs(cfg, cfg.split, tokenizer, columns, cfg.max_pairs, tokenised)
         model = load_frozen(spec, accelerator.device, getattr(torch, cfg.dtype))
         pad_id = pad_token_id(tokenizer)
         probe = to_device(collate_pairs(data, np.arange(1), np.ones(1), pad_id), accelerator.device)

@@ -60,7 +60,6 @@ class GenerateConfig(InferenceSpec, ModelSpec):
 
     def validate(self) -> GenerateConfig:
         check_all([
-            (bool(self.model), "--model is required"),
             (self.template in TEMPLATES, f"--template must be one of {', '.join(TEMPLATES)}"),
             (min(self.max_new_tokens, self.batch_size, self.repeat_ngram) >= 1,
              "--max_new_tokens, --batch_size and --repeat_ngram must be >= 1"),

@@ -14,8 +14,9 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from refdpo.config import check_all, option
+from refdpo.config import Config, check_all, option
 from refdpo.errors import ConfigError, RefdpoError, first_line
 from refdpo.tables import write_tables
 
@@ -24,7 +25,9 @@ KEY_VARIABLES = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "OPENAI_CLIENT_CONFIG_PA
 
 
 @dataclass
-class JudgeConfig:
+class JudgeConfig(Config):
+    REQUIRED: ClassVar = {"outputs": "give the outputs file(s) to judge"}
+
     outputs: str = option("", "outputs.json files from refdpo generate, comma-separated")
     annotators_config: str = option("weighted_alpaca_eval_gpt4_turbo", "AlpacaEval judge configuration")
     out: str = option("judge", "folder for judge.md, judge.csv, judge.json and AlpacaEval's annotations")
@@ -32,8 +35,7 @@ class JudgeConfig:
     max_instances: int = option(0, "judge only the first N outputs (0: all; a cheap trial)")
 
     def validate(self) -> JudgeConfig:
-        check_all([(bool(self.outputs), "give the outputs file(s) to judge"),
-                   (self.max_instances >= 0, "--max_instances must be >= 0")])
+        check_all([(self.max_instances >= 0, "--max_instances must be >= 0")])
         return self
 
 

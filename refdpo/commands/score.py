@@ -29,6 +29,7 @@ import logging
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ from refdpo.data import (
     to_device,
 )
 from refdpo.data.collate import shares_prompt
-from refdpo.data.pairs import reference_pairs
+from refdpo.data.pairs import conversations_fingerprint, reference_pairs
 from refdpo.data.schema import DEFAULT_REF_COLUMNS
 from refdpo.data.templates import PRIOR_PREFIXES, check_template
 from refdpo.data.writing import check_writable, output_format, push_to_hub, write_records
@@ -73,6 +74,8 @@ PAD_MULTIPLE = 8  # collate_pairs/collate_packed pad widths to a multiple of 8
 
 @dataclass
 class ScoreConfig(InferenceSpec, DataSpec, ModelSpec):
+    REQUIRED: ClassVar = {"out": "--out is required (a .jsonl/.parquet/.csv file or a folder)"}
+
     split: str = option("train", "split name, or a path to its file")
     out: str = option("", "output: a .jsonl or .parquet file, or a folder (save_to_disk)")
     columns: str = option(",".join(DEFAULT_REF_COLUMNS), "names of the two columns to write CHOSEN,REJECTED "
@@ -85,12 +88,15 @@ class ScoreConfig(InferenceSpec, DataSpec, ModelSpec):
     share_prompt: bool = option(True, "compute each pair's prompt once (checked against the plain layout first)")
     save_every: int = option(16, "batches per block written to OUT.parts (what a kill can lose)")
     overwrite: bool = option(False, "replace an existing OUT or an unfinished job with other settings")
-    push_to_hub: str | None = option(None, "also upload the result to this Hub dataset repo")
+    push_to_hub: bool = option(False, "also upload the result to the Hub dataset repo --hub_dataset_id")
+    hub_dataset_id: str | None = option(None, "the Hub dataset repo for --push_to_hub")
     progress: bool = option(True, "show a progress bar")
+    dry_run: bool = option(False, "load and tokenise the split, print what would be scored (formats, lengths, "
+                                  "drops, batches) and stop: no model weights are loaded")
 
     def validate(self) -> ScoreConfig:
         check_all(self.spec_checks() + [
-            (bool(self.out), "--out is required (a .jsonl/.parquet file or a folder)"),
+            (not self.push_to_hub or bool(self.hub_dataset_id), "--push_to_hub needs --hub_dataset_id ORG/NAME"),
             (self.mode in MODES, f"--mode must be one of {', '.join(MODES)}"),
             (self.prior_prefix in PRIOR_PREFIXES, f"--prior_prefix must be one of {', '.join(PRIOR_PREFIXES)}"),
             (self.batch_tokens >= 0, "--batch_tokens must be >= 0 (0: by device)"),
@@ -244,6 +250,7 @@ def score(cfg: ScoreConfig) -> dict:
     """Run `refdpo score` as configured; returns a summary (rows, coverage, speed, output paths)."""
     from accelerate import PartialState
 
+    cfg = cfg.validate().require()  # fields may have been set since the config was made
     start_processes()
     state = PartialState()
     engine = requested_engine()["engine"]
@@ -262,12 +269,14 @@ def score(cfg: ScoreConfig) -> dict:
     raw = load_split(cfg.dataset, cfg.split, cfg.dataset_config, cfg.dataset_revision)
     data, rendered = reference_pairs(raw, tokenizer, cfg.template, cfg.max_len, cfg.on_truncated, cfg.mode,
                                      cfg.prior_prefix)
+    batch_tokens = cfg.batch_tokens or default_batch_tokens(state.device)
+    if cfg.dry_run:
+        return _dry_run(cfg, data, batch_tokens)
     dtype = inference_dtype(cfg.dtype, state.device)
     dtype_name = str(dtype).removeprefix("torch.")
     weights = prov.weights_fingerprint(cfg.model, cfg.revision)
-    job = {k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite", "push_to_hub", "progress",
-                                                              "save_every")}
-    batch_tokens = cfg.batch_tokens or default_batch_tokens(state.device)
+    job = {k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite", "push_to_hub", "hub_dataset_id",
+                                                              "progress", "save_every", "dry_run", "cache_dir")}
     job.update(batch_tokens=batch_tokens, dtype=dtype_name, weights_sha256=weights,
                data_sha256=prov.records_fingerprint(raw.records), rows=len(raw), save_every=cfg.save_every)
 
@@ -313,14 +322,25 @@ def score(cfg: ScoreConfig) -> dict:
     sidecar = _write_provenance(out, raw, records, columns, entry)
     shutil.rmtree(parts, ignore_errors=True)
     if cfg.push_to_hub:
-        push_to_hub(records, cfg.push_to_hub, cfg.split, cfg.dataset_config, sidecar)
+        push_to_hub(records, cfg.hub_dataset_id, cfg.split, cfg.dataset_config, sidecar)
     return {**summary, "coverage": coverage, "provenance": str(sidecar), "format": output_format(out)}
+
+
+def _dry_run(cfg: ScoreConfig, data: PairData, batch_tokens: int) -> dict:
+    """What `refdpo score` would do (commands/dry_run.py): the split, and the batches planned for it."""
+    from refdpo.commands.dry_run import processes, split_report
+
+    plan = plan_batches(data, batch_tokens, cfg.max_batch_pairs, cfg.share_prompt)
+    blocks = -(-len(plan) // cfg.save_every)
+    return {"dry_run": True, "command": "score", "config": asdict(cfg), "splits": {cfg.split: split_report(data)},
+            "plan": {"processes": processes(), "batches": len(plan), "batch_tokens": batch_tokens,
+                     "blocks": blocks, "mode": cfg.mode, "out": cfg.out}}
 
 
 def _write_provenance(out: Path, raw: RawSplit, records: list[dict], columns: tuple[str, str],
                       entry: dict) -> Path:
     """The new entry, plus the input's other references (still valid for the rows kept)."""
-    conversations = prov.records_fingerprint(records, prov.CONVERSATIONS)
+    conversations = conversations_fingerprint(records)
     entries = {}
     for key, old in prov.read(raw.provenance).items():
         if key != prov.column_key(columns):

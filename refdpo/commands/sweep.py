@@ -25,11 +25,12 @@ import logging
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from refdpo.checkpoint import resolve
 from refdpo.commands.evaluate import TABLE_COLUMNS, EvalConfig, evaluate
-from refdpo.commands.train import TrainConfig
-from refdpo.config import check_all, coerce_fields, load_yaml, option
+from refdpo.commands.train_config import TrainConfig
+from refdpo.config import Config, coerce_fields, load_yaml, option
 from refdpo.errors import ConfigError
 from refdpo.io import atomic_write_json
 from refdpo.tables import write_tables
@@ -86,13 +87,11 @@ def dry_run(spec: dict) -> list[str]:
 
 
 @dataclass
-class SweepConfig:
+class SweepConfig(Config):
+    REQUIRED: ClassVar = {"grid": "--grid is required"}
+
     grid: str = option("", "grid YAML (see configs/sweeps/)")
     dry_run: bool = option(False, "print one `accelerate launch` command per run instead of running")
-
-    def validate(self) -> SweepConfig:
-        check_all([(bool(self.grid), "--grid is required")])
-        return self
 
 
 def evaluation_config(cfg: TrainConfig, model: str, split: str) -> EvalConfig:
@@ -116,7 +115,7 @@ def sweep(spec: dict) -> list[dict]:
         else:
             resume = resolve(run_dir, "last") is not None
             log.info("sweep run %d of %d: %s (%s)", k, len(grid), name, "resuming" if resume else "starting")
-            train(TrainConfig(**{**cfg.to_dict(), "resume": resume}).validate(), data_cache)
+            train(TrainConfig(**{**cfg.to_dict(), "resume": resume}), data_cache=data_cache)
         summary = json.loads((run_dir / "summary.json").read_text())
         rows.append(_result_row(spec, name, overrides, cfg, summary))
         write_tables(rows, out, "results", {"grid": spec})  # the table grows as runs finish

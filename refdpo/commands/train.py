@@ -4,7 +4,7 @@ One optimizer step, in full (`_train_step`): for each of `accumulate_step` micro
 sequences, one forward gives the policy's summed response log-probs; the objective compares them with the
 stored reference log-probs (core/forward.py); the loss is the weighted sum of per-pair losses, scaled so that
 after accelerate divides by the accumulation steps and DDP/FSDP/DeepSpeed average over processes, the gradient
-is the mean over the real pairs of the global batch. Then clip, AdamW, the linear schedule. Every
+is the mean over the real pairs of the global batch. Then clip, AdamW, the schedule (--lr_scheduler_type). Every
 `eval_interval` steps and at each epoch's end: the validation loss, and a checkpoint (checkpoint.py).
 
 Runs unchanged on a CPU, one GPU, DDP, DeepSpeed ZeRO-2/3 or FSDP2: whatever `accelerate launch` sets up
@@ -25,26 +25,19 @@ from tqdm.auto import tqdm
 
 from refdpo import checkpoint as ckpt
 from refdpo import provenance as prov
-from refdpo.config import (
-    WEIGHT_DTYPES,
-    DataSpec,
-    LayoutSpec,
-    ModelSpec,
-    ObjectiveSpec,
-    check_all,
-    option,
-    parse_args,
-    save_yaml,
-)
+from refdpo.commands.train_config import TrainConfig, schedule_steps
+from refdpo.config import save_yaml
 from refdpo.core.forward import evaluate_pairs, forward_pairs
 from refdpo.core.metrics import MetricsLog, PairStats, peak_memory_gb
 from refdpo.core.verify import choose_collate, head_matches_model
 from refdpo.data import PairData, PairSampler, collate_pairs, load_pairs, parse_ref_columns, to_device
+from refdpo.data.loading import SplitLocation, locate_split
 from refdpo.data.templates import check_template
 from refdpo.engine import (
     describe_engine,
     engine_name,
     keep_fsdp2_outputs_dtype,
+    main_process_first,
     make_accelerator,
     start_processes,
 )
@@ -54,93 +47,6 @@ from refdpo.modeling import load_policy, pad_token_id, reset_accelerate_state
 from refdpo.tokenization import check_reload, load_tokenizer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig(LayoutSpec, ObjectiveSpec, DataSpec, ModelSpec):
-    # model (and ModelSpec's fields)
-    dtype: str = option("float32", "dtype the weights are loaded in: float32 (master weights for mixed "
-                               "precision), bfloat16, float16")
-    mixed_precision: str | None = option(None, "no | bf16 | fp16; default: what `accelerate launch` was given")
-    gradient_checkpointing: bool = option(True, "recompute activations in backward (non-reentrant)")
-    liger: bool = option(False, "Liger's fused kernels for RMSNorm, SwiGLU and RoPE (GPU; needs liger-kernel)")
-    compile: bool = option(False, "torch.compile each decoder layer (GPU; on a CPU it needs a C++ compiler)")
-    lora: bool = option(False, "train LoRA adapters (peft) instead of all weights")
-    lora_r: int = option(16, "LoRA rank")
-    lora_alpha: int = option(32, "LoRA alpha")
-    lora_dropout: float = option(0.05, "LoRA dropout")
-    lora_target_modules: str = option("all-linear", "comma-separated module names, or all-linear")
-    # data (and DataSpec's fields)
-    train_split: str = option("train", "training split name, or a path to its file")
-    val_split: str = option("val", "validation split name or path; empty to train without evaluation")
-    max_train_pairs: int = option(0, "use only the first N training pairs (0: all)")
-    max_val_pairs: int = option(0, "use only the first N validation pairs (0: all)")
-    strict: bool = option(False, "refuse to train when the data's provenance disagrees with this config (template, "
-                             "max_len, rows); without it such mismatches are warnings")
-    # optimisation
-    epochs: int = option(3, "passes over the training split (RefDPO: --epoch)")
-    batch_size: int = option(4, "pairs per device per micro-batch")
-    accumulate_step: int = option(1, "micro-batches per optimizer step")
-    eval_batch_size: int = option(0, "pairs per device when evaluating (0: batch_size)")
-    max_lr: float = option(5e-7, "peak learning rate (AdamW)")
-    weight_decay: float = option(0.01, "AdamW weight decay")
-    adam_beta1: float = option(0.9, "AdamW beta1")
-    adam_beta2: float = option(0.999, "AdamW beta2")
-    warmup_ratio: float = option(0.1, "fraction of steps of linear warmup, then linear decay to 0")
-    max_grad_norm: float = option(1.0, "gradient clipping norm (0: off)")
-    seed: int = option(18890426, "random seed (data order, initialisation of LoRA)")
-    # evaluation, checkpoints, logging
-    eval_interval: int = option(500, "evaluate every N optimizer steps (and at each epoch end)")
-    eval_at_start: bool = option(True, "evaluate before the first step (step 0: the reference's own loss)")
-    save_interval: int = option(0, "save a resumable checkpoint every N steps (0: at each evaluation)")
-    report_freq: int = option(10, "log training metrics every N optimizer steps")
-    output_dir: str = option("", "run folder (default runs/<date-time>)")
-    resume: bool = option(False, "continue the run in --output_dir from its last checkpoint")
-    report_to: str = option("tensorboard", "comma-separated: tensorboard, wandb, none")
-    wandb_project: str = option("refdpo", "W&B project when --report_to wandb")
-    progress: bool = option(True, "show a progress bar")
-
-    # --- derived views -------------------------------------------------------------------------------
-    @property
-    def trackers(self) -> list[str]:
-        names = [t.strip() for t in self.report_to.split(",") if t.strip()]
-        return [] if names in ([], ["none"]) else names
-
-    def validate(self) -> TrainConfig:
-        check_all(self.spec_checks() + self.objective_checks() + self.layout_checks() + [
-            (self.dtype in WEIGHT_DTYPES, f"--dtype must be {' | '.join(WEIGHT_DTYPES)}"),
-            (self.mixed_precision in (None, "no", "bf16", "fp16"), "--mixed_precision must be no, bf16 or fp16"),
-            (min(self.epochs, self.batch_size, self.accumulate_step, self.report_freq,
-                 self.eval_interval) >= 1,
-             "--epochs, --batch_size, --accumulate_step, --report_freq and --eval_interval must be >= 1"),
-            (self.max_lr > 0, "--max_lr must be > 0"),
-            (0 <= self.warmup_ratio <= 1, "--warmup_ratio must be in [0, 1]"),
-            (set(self.trackers) <= {"tensorboard", "wandb"}, "--report_to takes tensorboard, wandb or none"),
-        ])
-        return self
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-# The flags of RefDPO's released code -> (field, value as a bare switch, or None when it takes a value): its
-# commands run unchanged apart from the program name. --cuda and -l/--log are accepted and ignored (the device
-# comes from accelerate; refdpo always writes its run folder).
-ALIASES: dict[str, tuple[str | None, object]] = {
-    "--model_type": ("model", None),
-    "--data_split": ("dataset_config", None),
-    "--epoch": ("epochs", None),
-    "--insert_eos": ("template", "zephyr"),
-    "--cuda": (None, True),
-    "-l": (None, True),
-    "--log": (None, True),
-}
-
-
-
-def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
-    return parse_args(TrainConfig, argv, "refdpo train", "Train a policy with DPO (or a variant) from reference "
-                      "log-probs stored in the dataset.", aliases=ALIASES)
 
 
 @dataclass
@@ -156,6 +62,7 @@ class Progress:
     best_val_loss: float | None = None
     best_step: int | None = None
     last_val: dict | None = None
+    best_val: dict | None = None
     wandb_id: str | None = None
 
 
@@ -182,20 +89,55 @@ class Run:
     lock: object  # the main process's lock on run_dir
 
 
-def _load_data(cfg: TrainConfig, split: str, limit: int, tokenizer, cache: dict | None) -> PairData:
+@dataclass
+class Inputs:
+    """What the Python API may hand over instead of naming it in the config (`train`'s keyword arguments)."""
+
+    model: torch.nn.Module | None = None
+    tokenizer: object = None
+    train_dataset: object = None  # a datasets.Dataset or DatasetDict, or a list of records
+    eval_dataset: object = None
+
+    def given(self) -> list[str]:
+        """The config fields these stand in for (exempt from `require`)."""
+        return ([] if self.model is None else ["model"]) + ([] if self.train_dataset is None else ["dataset"])
+
+
+def locate_data(cfg: TrainConfig, inputs: Inputs) -> tuple[SplitLocation, SplitLocation | None]:
+    """Where the training and validation splits are, checked before anything is loaded. A DatasetDict handed
+    over gives both splits by name (train_split, val_split); a Dataset is the training split, and validation
+    is `eval_dataset`'s (none without it)."""
+    import datasets
+
+    given = inputs.train_dataset
+    if given is not None and not isinstance(given, datasets.DatasetDict):
+        evaluation = inputs.eval_dataset
+        return (locate_split(given, cfg.train_split),
+                locate_split(evaluation, cfg.val_split) if evaluation is not None else None)
+    source, where = (given if given is not None else cfg.dataset), (cfg.dataset_config, cfg.dataset_revision)
+    train_at = locate_split(source, cfg.train_split, *where, role="--train_split")
+    if inputs.eval_dataset is not None:
+        return train_at, locate_split(inputs.eval_dataset, cfg.val_split)
+    val_at = locate_split(source, cfg.val_split, *where, role="--val_split") if cfg.val_split else None
+    return train_at, val_at
+
+
+def load_split_data(cfg: TrainConfig, split: str, location: SplitLocation, limit: int, tokenizer,
+               cache: dict | None) -> PairData:
     """One split as the config says; its reference columns checked against their provenance."""
     columns = parse_ref_columns(cfg.ref_columns) if cfg.objective.uses_reference else None
-    raw, data = load_pairs(cfg, split, tokenizer, columns, limit, cache)
+    data = load_pairs(cfg, split, tokenizer, columns, limit, cache, location)
     if columns is not None:
-        prov.check_for_training(raw, data, tokenizer, cfg, strict=cfg.strict)
+        prov.check_for_training(data, tokenizer, cfg, strict=cfg.strict)
     return data
 
 
-def _setup(cfg: TrainConfig, data_cache: dict | None) -> Run:
+def _setup(cfg: TrainConfig, inputs: Inputs, data_cache: dict | None) -> Run:
     """The accelerator, run folder, data, model, optimizer and schedule; resumed when asked; fast paths checked."""
     from accelerate.utils import set_seed
-    from transformers import get_linear_schedule_with_warmup
+    from transformers import get_scheduler
 
+    train_at, val_at = locate_data(cfg, inputs)
     reset_accelerate_state()
     cpu = start_processes()
     run_dir = ckpt.run_folder(cfg.output_dir)
@@ -213,19 +155,21 @@ def _setup(cfg: TrainConfig, data_cache: dict | None) -> Run:
     lock = ckpt.claim_run_folder(run_dir, accelerator, if_exists=True)  # before loading: a live run's folder
     resume_from = ckpt.resume_point(run_dir, cfg.resume)
 
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.revision, cfg.trust_remote_code)
+    tokenizer = inputs.tokenizer or load_tokenizer(cfg.tokenizer or cfg.model, cfg.revision, cfg.trust_remote_code)
     check_template(cfg.template, tokenizer)
-    train_data = _load_data(cfg, cfg.train_split, cfg.max_train_pairs, tokenizer, data_cache)
-    val_data = _load_data(cfg, cfg.val_split, cfg.max_val_pairs, tokenizer, data_cache) if cfg.val_split else None
+    train_data, val_data = main_process_first(accelerator, lambda: (
+        load_split_data(cfg, cfg.train_split, train_at, cfg.max_train_pairs, tokenizer, data_cache),
+        load_split_data(cfg, cfg.val_split, val_at, cfg.max_val_pairs, tokenizer, data_cache) if val_at else None))
     log.info("engine: %s", engine_name(engine))  # after the data: a data error stays the only line
 
-    model = load_policy(cfg, accelerator.device)
+    model = load_policy(cfg, accelerator.device, inputs.model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.max_lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     sampler = PairSampler(len(train_data), cfg.batch_size, cfg.accumulate_step, accelerator.num_processes,
                           accelerator.process_index, cfg.seed, lengths=train_data.token_counts())
-    total_steps = sampler.steps_per_epoch * cfg.epochs
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    total_steps, warmup = schedule_steps(cfg, sampler.steps_per_epoch)
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=total_steps)
     if accelerator.state.deepspeed_plugin is not None:
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
     keep_fsdp2_outputs_dtype(accelerator)
@@ -315,7 +259,7 @@ def _evaluate(run: Run, epoch_progress: float) -> bool:
     run.metrics.write({"step": progress.global_step, "epoch": epoch_progress, **val})
     progress.last_val = val
     if progress.best_val_loss is None or val["val_loss"] < progress.best_val_loss:
-        progress.best_val_loss, progress.best_step = val["val_loss"], progress.global_step
+        progress.best_val_loss, progress.best_step, progress.best_val = val["val_loss"], progress.global_step, val
         return True
     return False
 
@@ -331,12 +275,25 @@ def _report(run: Run, stats: PairStats, lr: float, grad_norm, epoch_progress: fl
     return record
 
 
-def train(cfg: TrainConfig, data_cache: dict | None = None) -> dict:
+def train(cfg: TrainConfig, *, model: torch.nn.Module | None = None, tokenizer=None, train_dataset=None,
+          eval_dataset=None, data_cache: dict | None = None) -> dict:
     """Train as configured; returns a summary (run folder, best step and validation loss, last metrics).
+
+    The Python API may hand over what the config would otherwise name: a loaded `model` (a transformers causal
+    LM, in `cfg.dtype`) and `tokenizer`; a `train_dataset` (a datasets.Dataset, a DatasetDict whose
+    `train_split`/`val_split` are used, or a list of records, in any format refdpo reads) and an `eval_dataset`.
     `data_cache`: tokenised splits shared across the runs of a sweep (data.load_pairs)."""
+    inputs = Inputs(model, tokenizer, train_dataset, eval_dataset)
+    cfg = cfg.validate().require(*inputs.given())  # fields may have been set since the config was made
+    if model is not None and not cfg.model:  # the run records which model it trained
+        cfg = dataclasses.replace(cfg, model=getattr(model, "name_or_path", "") or type(model).__name__)
+    if cfg.dry_run:
+        from refdpo.commands.dry_run import train_dry_run
+
+        return train_dry_run(cfg, inputs)
     if "wandb" in cfg.trackers and importlib.util.find_spec("wandb") is None:
         raise ConfigError("--report_to wandb needs the wandb package: pip install 'refdpo[wandb]'")
-    run = _setup(cfg, data_cache)
+    run = _setup(cfg, inputs, data_cache)
     progress, sampler = run.progress, run.sampler
     if cfg.eval_at_start and progress.global_step == 0 and run.val_data is not None:
         _evaluate(run, 0.0)
@@ -346,8 +303,11 @@ def train(cfg: TrainConfig, data_cache: dict | None = None) -> dict:
     bar = tqdm(total=progress.total_steps, initial=progress.global_step, desc="train", dynamic_ncols=True,
                disable=not (cfg.progress and run.accelerator.is_main_process))
     window_start, reload_checked = time.perf_counter(), False
-    for epoch in range(progress.epoch, cfg.epochs):
+    epochs = -(-progress.total_steps // sampler.steps_per_epoch)  # cfg.epochs, or what --max_steps needs
+    for epoch in range(progress.epoch, epochs):
         for step in range(progress.step_in_epoch, sampler.steps_per_epoch):  # > 0 only when resuming
+            if progress.global_step == progress.total_steps:  # --max_steps, mid-epoch
+                break
             micro_batches, valid = sampler.step(epoch, step)
             lr = run.scheduler.get_last_lr()[0]
             grad_norm = _train_step(run, micro_batches, valid, stats)
@@ -361,8 +321,9 @@ def train(cfg: TrainConfig, data_cache: dict | None = None) -> dict:
                 record = _report(run, stats, lr, grad_norm, epoch_progress, time.perf_counter() - window_start)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
                 window_start = time.perf_counter()
-            due_eval = run.val_data is not None and (global_step % cfg.eval_interval == 0 or end_of_epoch)
-            if due_eval or global_step % save_every == 0 or global_step == progress.total_steps:
+            last = global_step == progress.total_steps
+            due_eval = run.val_data is not None and (global_step % cfg.eval_interval == 0 or end_of_epoch or last)
+            if due_eval or global_step % save_every == 0 or last:
                 is_best = _evaluate(run, epoch_progress) if due_eval else False
                 saved = ckpt.save_checkpoint(run.accelerator, run.model, run.optimizer, run.scheduler,
                                              run.tokenizer, run.run_dir, global_step, dataclasses.asdict(progress),
@@ -386,9 +347,25 @@ def _finish(run: Run) -> dict:
     best, last = ckpt.resolve(run_dir, "best"), ckpt.resolve(run_dir, "last")
     summary = {"run_dir": str(run_dir), "engine": run.engine, "steps": progress.global_step,
                "best_step": progress.best_step, "best_val_loss": progress.best_val_loss,
-               "last_val": progress.last_val, "best": str(best) if best else None, "last": str(last) if last else None,
+               "last_val": progress.last_val, "best_val": progress.best_val,
+               "best": str(best) if best else None, "last": str(last) if last else None,
                "data": {"train": run.train_data.stats, "val": run.val_data.stats if run.val_data else None}}
     if run.accelerator.is_main_process:
         atomic_write_json(run_dir / "summary.json", summary)
+        if run.cfg.push_to_hub:  # after the summary: a failed upload loses nothing of the run
+            summary["hub"] = _push(run.cfg, summary)
+            atomic_write_json(run_dir / "summary.json", summary)
         run.lock.close()
     return summary
+
+
+def _push(cfg: TrainConfig, summary: dict) -> dict:
+    """Upload the best checkpoint (else the last) with a model card; where it went."""
+    from refdpo.hub import model_card, push_folder
+
+    folder = Path(summary["best"] or summary["last"])
+    repo = cfg.hub_model_id or Path(summary["run_dir"]).name
+    card = model_card(cfg.to_dict(), summary["data"], summary, base_model=cfg.model)
+    url = push_folder(folder, repo, card, private=cfg.hub_private_repo)
+    log.info("pushed %s to the Hub: %s", folder, url)
+    return {"repo": repo, "checkpoint": str(folder), "url": url}

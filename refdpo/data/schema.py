@@ -1,11 +1,19 @@
-"""The record contract (README: "Data") and its validation.
+"""The record contract (README: "Data formats"): the shapes of preference records accepted, and their validation.
 
-A record is RefDPO-compatible:
-  chosen, rejected   lists of {role, content} messages (system/user/assistant), identical but for the final
-                     assistant message.
-  chosen_logprob,    the reference's log-probability of the final assistant response, summed over its tokens
-  rejected_logprob   (end token included). TRL's ref_chosen_logps/ref_rejected_logps are accepted as aliases.
-Other fields (prompt, prompt_id, scores, source, further reference columns) are carried through untouched.
+A split is in one of three formats, detected from its first record of a known shape and named in the log:
+  messages        RefDPO / HuggingFaceH4: `chosen` and `rejected` are whole conversations, lists of {role,
+                  content} messages (system/user/assistant) identical but for the final assistant reply. A
+                  `prompt` string beside them (H4's ultrafeedback_binarized) is not used.
+  conversational  TRL's conversational format with the prompt apart: `prompt` a message list (or a string: one
+                  user turn), `chosen`/`rejected` the reply's messages (usually one assistant message).
+  standard        TRL's standard format: `prompt`, `chosen` and `rejected` strings; the prompt becomes one user
+                  turn and each reply an assistant turn of the template (also what a .csv file holds).
+Every format becomes the same thing: two conversations, identical but for the final assistant reply.
+
+Reference log-probs are two numeric columns: refdpo's `chosen_logprob`/`rejected_logprob` (the reference's
+log-probability of the final reply, summed over its tokens, end token included), TRL's
+`ref_chosen_logps`/`ref_rejected_logps`, or any pair named with --ref_columns. Other fields are carried
+through untouched.
 """
 
 from __future__ import annotations
@@ -32,8 +40,10 @@ def parse_ref_columns(spec: str | Sequence[str]) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-def resolve_ref_columns(columns: Iterable[str], requested: tuple[str, str], source: str) -> tuple[str, str]:
-    """The reference columns to read: the requested pair, or TRL's names when the default pair is absent."""
+def resolve_ref_columns(columns: Iterable[str], requested: tuple[str, str], source: str,
+                        score_hint: str = "") -> tuple[str, str]:
+    """The reference columns to read: the requested pair, or TRL's names when the default pair is absent.
+    `score_hint`: the `refdpo score` command that would compute them, shown when they are missing."""
     columns = set(columns)
     if set(requested) <= columns:
         return requested
@@ -41,10 +51,11 @@ def resolve_ref_columns(columns: Iterable[str], requested: tuple[str, str], sour
         return TRL_REF_COLUMNS
     missing = [c for c in requested if c not in columns]
     candidates = sorted(c for c in columns if "logp" in c)
-    hint = f"; columns that look like log-probs: {', '.join(candidates)}" if candidates else ""
-    raise DataError(source, f"reference column(s) {', '.join(missing)} not found (pick a pair with "
-                            f"--ref_columns CHOSEN,REJECTED, or train with --ref_free){hint}",
-                    field=missing[0])
+    other = f" (columns that look like log-probs: {', '.join(candidates)}; pick a pair with --ref_columns " \
+            "CHOSEN,REJECTED)" if candidates else ""
+    compute = f"compute them with `{score_hint}`" if score_hint else "compute them with `refdpo score`"
+    raise DataError(source, f"no reference log-probs: column(s) {', '.join(missing)} not found{other}; "
+                            f"{compute}, or train reference-free with --ref_free", field=missing[0])
 
 
 class _Bad(Exception):
@@ -59,12 +70,13 @@ def _type_name(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _check_messages(messages: object, field: str) -> list[Mapping]:
-    """Check one side of a pair: well-formed messages ending with an assistant reply after a prompt."""
+def _check_messages(messages: object, field: str, reply: bool = True) -> list[Mapping]:
+    """Check a list of well-formed messages; `reply`: it must end with an assistant message."""
     if not isinstance(messages, (list, tuple)):
         raise _Bad(field, f"must be a list of {{role, content}} messages, got {_type_name(messages)}")
     if len(messages) == 0:
-        raise _Bad(field, "is empty: a conversation needs a prompt and a final assistant reply")
+        raise _Bad(field, "is empty: a conversation needs a prompt and a final assistant reply" if reply
+                   else "is empty")
     for i, message in enumerate(messages):
         where = f"{field}[{i}]"
         if not isinstance(message, Mapping):
@@ -76,13 +88,101 @@ def _check_messages(messages: object, field: str) -> list[Mapping]:
                 raise _Bad(f"{where}.{key}", f"must be a string, got {_type_name(message[key])}")
         if message["role"] not in ROLES:
             raise _Bad(f"{where}.role", f"must be one of {', '.join(ROLES)}, got {message['role']!r}")
-    if len(messages) < 2:
-        raise _Bad(field, "has no prompt: it needs at least one message before the final assistant reply")
     last = len(messages) - 1
-    if messages[last]["role"] != "assistant":
+    if reply and messages[last]["role"] != "assistant":
         raise _Bad(f"{field}[{last}].role",
                    f"the last message must be from the assistant, got {messages[last]['role']!r}")
     return list(messages)
+
+
+def _check_string(record: Mapping, field: str) -> str:
+    if field not in record:
+        raise _Bad(field, "is missing")
+    if not isinstance(record[field], str):
+        raise _Bad(field, f"must be a string, got {_type_name(record[field])}")
+    return record[field]
+
+
+def _same_prompt(chosen: list[Mapping], rejected: list[Mapping], offset: int = 0) -> None:
+    """Chosen and rejected must share every message but the last (`offset`: messages not in these lists)."""
+    if len(chosen) != len(rejected):
+        raise _Bad("rejected", f"has {len(rejected) - 1 + offset} prompt messages but chosen has "
+                               f"{len(chosen) - 1 + offset}: chosen and rejected must share every message but "
+                               "the last")
+    for i, (c, r) in enumerate(zip(chosen[:-1], rejected[:-1])):
+        for key in ("role", "content"):
+            if c[key] != r[key]:
+                raise _Bad(f"rejected[{i}].{key}", "differs from chosen's: chosen and rejected must share "
+                                                   "every message but the last")
+
+
+FORMATS = {
+    "messages": "RefDPO/H4 'messages' (chosen and rejected: whole conversations as {role, content} lists)",
+    "conversational": "TRL 'conversational' (prompt: a message list; chosen and rejected: the reply's messages)",
+    "standard": "TRL 'standard' (prompt, chosen and rejected: strings)",
+}
+
+
+def record_format(record: object) -> str | None:
+    """The format a record's shape says (module docstring), or None when it has none of them."""
+    if not isinstance(record, Mapping):
+        return None
+    chosen, rejected, prompt = record.get("chosen"), record.get("rejected"), record.get("prompt")
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        if isinstance(prompt, list):
+            return "conversational"
+        starts_with_reply = bool(chosen) and isinstance(chosen[0], Mapping) and chosen[0].get("role") == "assistant"
+        return "conversational" if isinstance(prompt, str) and starts_with_reply else "messages"
+    if isinstance(chosen, str) and isinstance(rejected, str) and isinstance(prompt, str):
+        return "standard"
+    return None
+
+
+def split_format(records: Sequence[object], source: str) -> str:
+    """A split's format: that of its first record of a known shape (the rows after it are validated as such)."""
+    for record in records:
+        found = record_format(record)
+        if found is not None:
+            return found
+    first = records[0] if records else None
+    fields = ", ".join(sorted(map(str, first))) if isinstance(first, Mapping) else _type_name(first)
+    hint = "; a TRL record without 'prompt' needs one" if isinstance(first, Mapping) and isinstance(
+        first.get("chosen"), str) else ""
+    raise DataError(source, f"no record is in a format refdpo reads (row 0 has: {fields}){hint}; accepted: "
+                            + "; ".join(FORMATS.values()), row=None)
+
+
+def conversation_pair(record: object, fmt: str = "messages") -> tuple[list[Mapping], list[Mapping]]:
+    """The record as two conversations identical but for the final assistant reply; raises `_Bad(field,
+    message)` on the first problem, the field named as the record has it."""
+    if not isinstance(record, Mapping):
+        raise _Bad("", f"a record must be an object, got {_type_name(record)}")
+    if fmt == "standard":
+        prompt = [{"role": "user", "content": _check_string(record, "prompt")}]
+        return (prompt + [{"role": "assistant", "content": _check_string(record, "chosen")}],
+                prompt + [{"role": "assistant", "content": _check_string(record, "rejected")}])
+    for field in ("chosen", "rejected"):
+        if field not in record:
+            raise _Bad(field, "is missing")
+    if fmt == "conversational":
+        if "prompt" not in record:
+            raise _Bad("prompt", "is missing")
+        prompt = record["prompt"]
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _check_messages(
+            prompt, "prompt", reply=False)
+        chosen = _check_messages(record["chosen"], "chosen")
+        rejected = _check_messages(record["rejected"], "rejected")
+        _same_prompt(chosen, rejected, offset=len(prompt))
+        if chosen[:len(prompt)] == prompt:  # the prompt repeated inside chosen/rejected (TRL's implicit prompt)
+            return chosen, rejected
+        return prompt + chosen, prompt + rejected
+    chosen = _check_messages(record["chosen"], "chosen")
+    rejected = _check_messages(record["rejected"], "rejected")
+    if len(chosen) < 2:
+        raise _Bad("chosen", "has no prompt: it needs at least one message before the final assistant reply "
+                             "(or a 'prompt' field beside it: TRL's conversational format)")
+    _same_prompt(chosen, rejected)
+    return chosen, rejected
 
 
 def _check_logprob(record: Mapping, column: str) -> None:
@@ -103,39 +203,29 @@ def _check_logprob(record: Mapping, column: str) -> None:
         raise _Bad(column, f"is positive ({value:g}): a summed log-probability is <= 0")
 
 
-def validate_record(record: object, ref_columns: tuple[str, str] | None) -> None:
-    """Check one record; raise `_Bad(field, message)` on the first problem found.
-
-    `ref_columns=None` skips the reference columns (reference-free training, or scoring a new reference).
-    """
-    if not isinstance(record, Mapping):
-        raise _Bad("", f"a record must be an object, got {_type_name(record)}")
-    for field in ("chosen", "rejected"):
-        if field not in record:
-            raise _Bad(field, "is missing")
-    chosen = _check_messages(record["chosen"], "chosen")
-    rejected = _check_messages(record["rejected"], "rejected")
-    if len(chosen) != len(rejected):
-        raise _Bad("rejected", f"has {len(rejected) - 1} prompt messages but chosen has {len(chosen) - 1}: "
-                               "chosen and rejected must share every message but the last")
-    for i, (c, r) in enumerate(zip(chosen[:-1], rejected[:-1])):
-        for key in ("role", "content"):
-            if c[key] != r[key]:
-                raise _Bad(f"rejected[{i}].{key}", "differs from chosen's: chosen and rejected must share "
-                                                   "every message but the last")
+def validate_record(record: object, ref_columns: tuple[str, str] | None,
+                    fmt: str = "messages") -> tuple[list[Mapping], list[Mapping]]:
+    """Check one record of format `fmt`; returns its two conversations, or raises `_Bad(field, message)` on
+    the first problem. `ref_columns=None` skips the reference columns (reference-free training, or scoring a
+    new reference)."""
+    pair = conversation_pair(record, fmt)
     if ref_columns is not None:
         for column in ref_columns:
             _check_logprob(record, column)
+    return pair
 
 
-def validate_records(records: Iterable[object], source: str, ref_columns: tuple[str, str] | None,
-                     line_of: Callable[[int], int | None] = lambda row: None) -> None:
-    """Validate every record; raise DataErrors listing the first bad ones, one line each."""
+def validate_records(records: Sequence[object], source: str, ref_columns: tuple[str, str] | None,
+                     line_of: Callable[[int], int | None] = lambda row: None,
+                     fmt: str | None = None) -> list[tuple[list[Mapping], list[Mapping]]]:
+    """Validate every record (in format `fmt`, default: the split's); returns their conversation pairs, or
+    raises DataErrors listing the first bad records, one line each."""
+    fmt = fmt or split_format(records, source)
     errors: list[DataError] = []
-    total = 0
+    pairs, total = [], 0
     for row, record in enumerate(records):
         try:
-            validate_record(record, ref_columns)
+            pairs.append(validate_record(record, ref_columns, fmt))
         except _Bad as bad:
             total += 1
             if len(errors) < MAX_REPORTED_ERRORS:
@@ -143,3 +233,4 @@ def validate_records(records: Iterable[object], source: str, ref_columns: tuple[
                                         line=line_of(row)))
     if errors:
         raise DataErrors(errors, total)
+    return pairs

@@ -1,4 +1,5 @@
-"""Write a split of records: JSON lines, parquet or a `save_to_disk` folder (by the path's suffix), atomically.
+"""Write a split of records: JSON lines, parquet, CSV or a `save_to_disk` folder (by the path's suffix),
+atomically.
 
 A reader never sees half a file: the data goes to a temporary sibling that is renamed over the target (a
 folder is swapped in with two renames). JSON numbers are written by `json` (shortest round-trip repr), so the
@@ -9,17 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 from refdpo.errors import RefdpoError, first_line
+from refdpo.io import atomic_folder
 from refdpo.provenance import hub_sidecar_name
 
-FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 
 
 def output_format(path: str | Path) -> str:
-    """jsonl, parquet, or arrow (a save_to_disk folder: any path without a data-file suffix)."""
+    """jsonl, parquet, csv, or arrow (a save_to_disk folder: any path without a data-file suffix)."""
     return FORMATS.get(Path(path).suffix, "arrow")
 
 
@@ -28,22 +29,28 @@ def _columns(records: list[dict]) -> list[str]:
     return list(dict.fromkeys(key for record in records for key in record))
 
 
-def _table(records: list[dict]):
-    """The records as an arrow table; a field arrow cannot type is a one-line error before anything is written."""
+def _table(records: list[dict], flat: bool = False):
+    """The records as an arrow table; a field arrow cannot type (or, `flat`: CSV, a nested one) is a one-line
+    error before anything is written."""
     import pyarrow as pa
 
     columns = _columns(records)
     try:
-        return pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in records])
+        table = pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in records])
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise RefdpoError(f"cannot store these records as parquet/arrow: {first_line(e)} (a field "
                           "with mixed types?); write .jsonl instead") from None
+    nested = [f.name for f in table.schema if pa.types.is_nested(f.type)]
+    if flat and nested:
+        raise RefdpoError(f"cannot store these records as CSV: field(s) {', '.join(nested)} hold lists or "
+                          "objects (message lists); write .jsonl or .parquet instead")
+    return table
 
 
 def check_writable(records: list[dict], path: str | Path) -> None:
     """Fail before a long job when its records could not be written to `path`'s format."""
     if output_format(path) != "jsonl":
-        _table(records)
+        _table(records, flat=output_format(path) == "csv")
 
 
 def write_records(records: list[dict], path: str | Path) -> None:
@@ -62,6 +69,10 @@ def write_records(records: list[dict], path: str | Path) -> None:
                     f.write(json.dumps(record, ensure_ascii=False) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+        elif kind == "csv":
+            import pyarrow.csv as pcsv
+
+            pcsv.write_csv(_table(records, flat=True), tmp)
         else:
             import pyarrow.parquet as pq
 
@@ -75,20 +86,8 @@ def write_records(records: list[dict], path: str | Path) -> None:
 def _write_folder(records: list[dict], path: Path) -> None:
     import datasets
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(path) as tmp:
         datasets.Dataset(_table(records)).save_to_disk(str(tmp))
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def push_to_hub(records: list[dict], repo_id: str, split: str, config_name: str | None,
@@ -104,5 +103,6 @@ def push_to_hub(records: list[dict], repo_id: str, split: str, config_name: str 
             HfApi().upload_file(path_or_fileobj=str(sidecar), path_in_repo=hub_sidecar_name(config_name, split),
                                 repo_id=repo_id, repo_type="dataset")
     except Exception as e:  # auth, network, name: one line for the user; the local output is already written
-        raise RefdpoError(f"--push_to_hub {repo_id}: {type(e).__name__}: {first_line(e)}"
-                          " (the local output was written)") from None
+        from refdpo.hub import hub_error
+
+        raise hub_error(repo_id, e, " (the local output was written)") from None

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from refdpo.config import check_all, option
+from refdpo.config import Config, check_all, option
 from refdpo.errors import ConfigError
 from refdpo.io import atomic_write_json, read_jsonl, write_jsonl
 from refdpo.testbed import task
@@ -56,7 +56,7 @@ def _sized(name: str, help: str):
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(Config):
     out: str = option("runs/demo", "run folder: models, data, one folder per training run, results and plots")
     seeds: int | None = _sized("seeds", "repetitions of the whole pipeline (prompts, SFT, pairs, DPO); intervals "
                                         "are over seeds")
@@ -79,11 +79,11 @@ class DemoConfig:
                                                               "compatible reference")
     incompatible_steps: int | None = _sized("incompatible_steps", "steps of the incompatible reference, from scratch")
     sft_batch_size: int = option(128, "demonstrations per SFT step")
-    sft_lr: float = option(2e-3, "SFT learning rate (AdamW, constant)")
+    sft_max_lr: float = option(2e-3, "SFT learning rate (AdamW, constant)")
     # preference optimisation: the same budget for every beta and objective
     epochs: int | None = _sized("epochs", "passes over the pairs")
     batch_size: int = option(64, "pairs per step")
-    lr: float = option(5e-4, "peak learning rate (AdamW, 10% warmup, linear decay)")
+    max_lr: float = option(5e-4, "peak learning rate (AdamW, 10% warmup, linear decay)")
     betas_dpo: str | None = _sized("betas_dpo", "RQ1: beta grid with the SFT reference")
     betas_ref_free: str | None = _sized("betas_ref_free", "RQ2: beta grid, reference-free")
     betas_prior: str | None = _sized("betas_prior", "RQ2: beta grid, prior as reference")
@@ -102,7 +102,7 @@ class DemoConfig:
              "--train_prompts, --heldout_prompts, --demonstrations and --max_reply_tokens must be >= 1"),
             (min(self.sft_steps, self.compatible_steps, self.incompatible_steps, self.epochs, self.batch_size,
                  self.sft_batch_size) >= 1, "step counts, --epochs and batch sizes must be >= 1"),
-            (self.bt_temperature > 0 and self.lr > 0 and self.sft_lr > 0, "temperatures and rates must be > 0"),
+            (self.bt_temperature > 0 and self.max_lr > 0 and self.sft_max_lr > 0, "temperatures and rates must be > 0"),
             (set(grids["references"]) <= set(grids["dpo"]),
              "every --betas_references value must also be in --betas_dpo (RQ3 compares at equal beta)"),
             (len(grids["dpo"]) >= 3, "--betas_dpo needs at least 3 values to show a non-monotone curve"),
@@ -197,18 +197,18 @@ def prepare(cfg: DemoConfig, seed: int) -> dict:
     tokenizer = task.word_tokenizer()
     kws, demos = _demonstrations(train_kw, cfg.demonstrations, rng, 0.5)
     sft = new_model(tokenizer, seed)
-    sft_loss = supervised_finetune(sft, tokenizer, kws, demos, cfg.sft_steps, cfg.sft_batch_size, cfg.sft_lr, seed)
+    sft_loss = supervised_finetune(sft, tokenizer, kws, demos, cfg.sft_steps, cfg.sft_batch_size, cfg.sft_max_lr, seed)
     _save(sft, tokenizer, folder / "sft")
 
     kws, demos = _demonstrations(train_kw, cfg.demonstrations // 2, rng, 1.0)
     compatible_loss = supervised_finetune(sft, tokenizer, kws, demos, cfg.compatible_steps, cfg.sft_batch_size,
-                                          cfg.sft_lr, seed + 1)
+                                          cfg.sft_max_lr, seed + 1)
     _save(sft, tokenizer, folder / "compatible")
     other_tokenizer = task.subword_tokenizer()
     kws, demos = _demonstrations(train_kw, cfg.demonstrations // 2, rng, 1.0, dialect=True)
     other = new_model(other_tokenizer, seed + 10_000)
     incompatible_loss = supervised_finetune(other, other_tokenizer, kws, demos, cfg.incompatible_steps,
-                                            cfg.sft_batch_size, cfg.sft_lr, seed + 2)
+                                            cfg.sft_batch_size, cfg.sft_max_lr, seed + 2)
     _save(other, other_tokenizer, folder / "incompatible")
 
     from transformers import LlamaForCausalLM
@@ -280,7 +280,8 @@ def run_one(cfg: DemoConfig, seed: int, family: str, beta: float) -> dict:
     from transformers import LlamaForCausalLM
 
     from refdpo.commands.evaluate import EvalConfig, evaluate
-    from refdpo.commands.train import TrainConfig, train
+    from refdpo.commands.train import train
+    from refdpo.commands.train_config import TrainConfig
 
     folder, seed_folder = run_dir(cfg, seed, family, beta), seed_dir(cfg, seed)
     if (folder / "eval.json").exists():
@@ -290,9 +291,9 @@ def run_one(cfg: DemoConfig, seed: int, family: str, beta: float) -> dict:
         _CACHE.update(seed=seed, data={}, sft=LlamaForCausalLM.from_pretrained(seed_folder / "sft").eval())
     start = time.perf_counter()
     fields = dict(dataset=str(seed_folder / "data"), template=TEMPLATE, max_len=MAX_LEN, beta=beta,
-                  **FAMILIES[family][1])
+                  cache_dir="none", **FAMILIES[family][1])  # tokenised in memory once per worker (_CACHE)
     summary = train(TrainConfig(model=str(seed_folder / "sft"), **fields, val_split="", epochs=cfg.epochs,
-                                batch_size=cfg.batch_size, max_lr=cfg.lr, warmup_ratio=0.1,
+                                batch_size=cfg.batch_size, max_lr=cfg.max_lr, warmup_ratio=0.1,
                                 gradient_checkpointing=False, eval_at_start=False, save_interval=10**9,
                                 report_freq=25, report_to="none", output_dir=str(folder / "train"), seed=seed,
                                 progress=False).validate(), data_cache=_CACHE["data"])

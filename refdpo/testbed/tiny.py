@@ -18,8 +18,9 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from refdpo.config import check_all, option
+from refdpo.config import Config, check_all, option
 from refdpo.data.templates import DEFAULT_TEMPLATE, TEMPLATES
 
 TOPICS = ["cats", "rivers", "volcanoes", "bicycles", "gardens", "planets", "bridges", "forests", "oceans",
@@ -125,8 +126,10 @@ def tiny_llama(tokenizer, hidden: int = 64, layers: int = 2, heads: int = 4, kv_
 
 
 @dataclass
-class TinyConfig:
+class TinyConfig(Config):
     """`refdpo tiny`: what to build (the model's size defaults to ~0.1M parameters)."""
+
+    REQUIRED: ClassVar = {"out": "--out is required"}
 
     out: str = option("", "folder to create")
     train_pairs: int = option(1024, "training pairs")
@@ -134,7 +137,7 @@ class TinyConfig:
     seed: int = option(0, "random seed (pairs, tokenizer corpus, initialisation)")
     template: str = option(DEFAULT_TEMPLATE, f"chat format the pairs are scored in: {' | '.join(TEMPLATES)}")
     max_len: int = option(512, "tokens per sequence when scoring")
-    force: bool = option(False, "rebuild even if OUT is complete")
+    overwrite: bool = option(False, "rebuild even if OUT is complete")
     hidden: int = option(64, "model width (--hidden 1024 --layers 24 --heads 16 --kv_heads 8 --intermediate 5504 "
                              "--vocab_size 32000: ~0.5B parameters)")
     layers: int = option(2, "decoder layers")
@@ -144,8 +147,7 @@ class TinyConfig:
     vocab_size: int = option(0, "embedding rows (0: the tokenizer's size)")
 
     def validate(self) -> TinyConfig:
-        check_all([(bool(self.out), "--out is required"),
-                   (self.template in TEMPLATES, f"--template must be one of {', '.join(TEMPLATES)}"),
+        check_all([(self.template in TEMPLATES, f"--template must be one of {', '.join(TEMPLATES)}"),
                    (min(self.train_pairs, self.val_pairs, self.max_len, self.hidden, self.layers) >= 1,
                     "--train_pairs, --val_pairs, --max_len, --hidden and --layers must be >= 1")])
         return self
@@ -168,7 +170,7 @@ def build_tiny(out: str | Path, **settings) -> Path:
     train_pairs, val_pairs, seed, template, max_len = cfg.train_pairs, cfg.val_pairs, cfg.seed, cfg.template, \
         cfg.max_len
     out = Path(out)
-    if (out / "tiny.json").exists() and not cfg.force:
+    if (out / "tiny.json").exists() and not cfg.overwrite:
         return out
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -598,7 +598,7 @@ def test_cli_prompts_that_differ_are_one_line(tiny_setup, val_records, tmp_path,
 
 @pytest.mark.parametrize("extra,message", [
     (["--out", "OUT", "--mode", "posterior"], "--mode must be one of conditional, prior"),
-    ([], "--out is required (a .jsonl/.parquet file or a folder)"),
+    ([], "--out is required (a .jsonl/.parquet/.csv file or a folder)"),
     (["--out", "OUT", "--prior_prefix", "nothing"], "--prior_prefix must be one of empty_user, assistant, bos"),
     (["--out", "OUT", "--batch_tokens", "-1"], "--batch_tokens must be >= 0 (0: by device)"),
     (["--out", "OUT", "--save_every", "0"], "--max_batch_pairs and --save_every must be >= 1"),

@@ -92,7 +92,7 @@ def test_a_sweep_can_generate_for_each_run(tiny_setup, tmp_path):
 def test_a_run_is_evaluated_with_every_setting_it_trained_with():
     """The best checkpoint is evaluated as the run trained: dpo_weight, revision, tokenizer, layout, attention."""
     from refdpo.commands.sweep import evaluation_config
-    from refdpo.commands.train import TrainConfig
+    from refdpo.commands.train_config import TrainConfig
 
     cfg = TrainConfig(model="m", dataset="d", dpo_weight=0.5, revision="abc", tokenizer="t", packing=False,
                       attn_implementation="eager", on_truncated="error", eval_batch_size=3,

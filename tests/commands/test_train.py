@@ -235,3 +235,35 @@ def test_wandb_without_the_package_is_a_clear_error(tiny_setup, tmp_path, monkey
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ConfigError, match="needs the wandb package"):
         train(train_config(tiny_setup, tmp_path / "run", report_to="wandb"))
+
+
+# --- schedules and step limits, as transformers defines them ---------------------------------------------------
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant_with_warmup"])
+def test_schedule_and_warmup_steps_follow_transformers(tiny_setup, tmp_path, schedule):
+    import torch
+    from transformers import get_scheduler
+
+    train(train_config(tiny_setup, tmp_path / "run", max_train_pairs=48, epochs=2, val_split="",
+                       lr_scheduler_type=schedule, warmup_steps=3, warmup_ratio=0.5))
+    steps, _ = read_metrics(tmp_path / "run")
+    assert len(steps) == 12  # 48 pairs / 8 per step x 2 epochs
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    expected = get_scheduler(schedule, optimizer, num_warmup_steps=3, num_training_steps=12)  # steps win over ratio
+    for record in steps:
+        assert record["lr"] == pytest.approx(expected.get_last_lr()[0], rel=1e-12, abs=1e-15)
+        optimizer.step()
+        expected.step()
+
+
+def test_max_steps_stops_mid_epoch_with_a_final_evaluation(tiny_setup, tmp_path):
+    summary = train(train_config(tiny_setup, tmp_path / "run", max_train_pairs=64, max_val_pairs=16, epochs=3,
+                                 max_steps=5, eval_interval=1000))
+    steps, evals = read_metrics(tmp_path / "run")
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5] and summary["steps"] == 5
+    assert [e["step"] for e in evals] == [0, 5]  # before the first step, and at the last
+    assert summary["best_step"] == 5 and summary["last"].endswith("step-0000005")
+    # Past the epochs, as in transformers: 20 steps of 8 of 64 pairs are 2.5 epochs, where --epochs says 1.
+    longer = train(train_config(tiny_setup, tmp_path / "long", max_train_pairs=64, epochs=1, max_steps=20,
+                                val_split=""))
+    assert longer["steps"] == 20

@@ -9,7 +9,7 @@ import pytest
 from refdpo.data import build_pairs
 from refdpo.data.loading import RawSplit
 from refdpo.data.templates import check_template, render, tokenize_rendered
-from refdpo.errors import ConfigError, DataErrors
+from refdpo.errors import ConfigError, DataError, DataErrors
 
 
 def encode(messages, template, tokenizer, max_len=512):
@@ -137,3 +137,23 @@ def test_template_checks(tiny_tokenizer):
     no_chat.chat_template = None
     with pytest.raises(ConfigError, match="chat template"):
         check_template("model", no_chat)
+
+
+def test_a_split_renders_in_one_call_as_it_would_one_by_one(tiny_tokenizer):
+    """build_pairs applies the chat template to a whole chunk at once; the texts are those of render()."""
+    from refdpo.data.pairs import _render
+
+    pairs = list(enumerate([(SYSTEM, SYSTEM[:-1] + [{"role": "assistant", "content": "No."}]), (MULTI, MULTI)]))
+    prompts, fulls = _render(pairs, "model", tiny_tokenizer, "mem", lambda row: None)
+    expected = [render(m, "model", tiny_tokenizer) for _, pair in pairs for m in pair]
+    assert prompts == [p for p, _ in expected[0::2]] and fulls == [f for _, f in expected]
+
+
+def test_a_failing_chat_template_names_its_row(tiny_tokenizer):
+    failing = copy.deepcopy(tiny_tokenizer)
+    failing.chat_template = ("{% for m in messages %}{% if m.content == 'boom' %}{{ raise_exception('no boom') }}"
+                             "{% endif %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
+    records = _records(failing, n=3)
+    records[2]["rejected"][1]["content"] = "boom"
+    with pytest.raises(DataError, match=r"row 2: field .rejected.: template .model. failed: no boom"):
+        build_pairs(RawSplit(records, "mem"), failing, "model", 512, ref_columns=None)
