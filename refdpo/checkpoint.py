@@ -24,11 +24,12 @@ import json
 import logging
 import os
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from refdpo.errors import ConfigError
+from refdpo.errors import ConfigError, RefdpoError, first_line
 from refdpo.io import atomic_write_bytes, atomic_write_json
 from refdpo.tokenization import save_tokenizer
 
@@ -112,6 +113,18 @@ def resume_point(run_dir: Path, resume: bool) -> Path | None:
     return None
 
 
+def record_resume(run_dir: Path, checkpoint: Path, changes: dict) -> None:
+    """Append a resume, and the settings it changed ({field: (was, now)}), to the run's resumes.json (its
+    config.yaml stays as the run started)."""
+    path = run_dir / "resumes.json"
+    resumes = json.loads(path.read_text()) if path.exists() else []
+    resumes.append({"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "from": checkpoint.name,
+                    "changed": {name: {"was": was, "now": now} for name, (was, now) in changes.items()}})
+    atomic_write_json(path, resumes)
+    for name, (was, now) in changes.items():
+        log.info("resumed with --%s %s (was %s): recorded in %s", name, now, was, path)
+
+
 def _point(run_dir: Path, name: str, target: Path) -> None:
     """Atomically make run_dir/name a symlink to `target` (relative, so the run folder can be moved)."""
     tmp = run_dir / f".{name}.tmp-{os.getpid()}"
@@ -177,8 +190,19 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, run_dir
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    export_model(accelerator, model, tokenizer, tmp)
-    save_state(accelerator, model, optimizer, scheduler, tmp / STATE)
+    from safetensors import SafetensorError
+
+    try:
+        export_model(accelerator, model, tokenizer, tmp)
+        save_state(accelerator, model, optimizer, scheduler, tmp / STATE)
+    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk, a vanished folder: keep what was saved
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = resolve(run_dir, "last")
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        raise RefdpoError(f"cannot save the checkpoint of step {step} in {run_dir}: {reason}; "
+                          + (f"`last` still points to {kept.name}, resume from it with --resume" if kept
+                             else "no checkpoint was saved before")) from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(tmp / TRAINER_STATE, trainer_state)
@@ -225,9 +249,31 @@ def latest_resumable(run_dir: Path) -> Path | None:
     return candidates[-1] if candidates else None
 
 
+def model_name(path: str) -> str:
+    """What a model goes by in tables and outputs: a run folder or its `best` is the run's name; its `last` or
+    one of its checkpoints adds which; anything else is its folder's (or hub id's) last part."""
+    p = Path(path.rstrip("/"))
+    if (p / CHECKPOINTS).is_dir():
+        return p.name
+    if p.name == "best" and (p.parent / CHECKPOINTS).is_dir():
+        return p.parent.name
+    if p.name == "last" and (p.parent / CHECKPOINTS).is_dir():
+        return f"{p.parent.name}-last"
+    if p.parent.name == CHECKPOINTS:
+        return f"{p.parent.parent.name}-{p.name}"
+    return p.name
+
+
 def model_path(path: str) -> str:
-    """A run folder (with best/last links) stands for its best checkpoint; anything else is loaded as given."""
-    best = resolve(Path(path), "best") if (Path(path) / CHECKPOINTS).is_dir() else None
+    """A run folder (with best/last links) stands for its best checkpoint, which is the initial model when
+    validation was best at step 0 (its summary.json says which); anything else is loaded as given."""
+    run = Path(path)
+    if not (run / CHECKPOINTS).is_dir():
+        return path
+    best = resolve(run, "best")
+    if best is None and (run / "summary.json").is_file():
+        summary = json.loads((run / "summary.json").read_text())
+        return summary["best"] if summary.get("best_step") == 0 and summary.get("best") else path
     return str(best) if best else path
 
 

@@ -32,22 +32,12 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
-class _DropTiedWeightNotice(logging.Filter):
-    """accelerate warns at every checkpoint of a model with tied embeddings that it stored them once."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Removed shared tensor" not in record.getMessage()
-
-
 def _setup_logging() -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if _is_main_process() else logging.WARNING)
-    for noisy in ("transformers", "accelerate", "datasets", "torch"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("accelerate.utils.other").addFilter(_DropTiedWeightNotice())
-    from transformers.utils import logging as hf_logging
+    from refdpo.console import quiet_third_parties
 
-    hf_logging.disable_progress_bar()  # per-checkpoint "Writing model shards" bars would break our own bar
+    quiet_third_parties()
 
 
 def _train(argv: list[str]) -> int:
@@ -61,6 +51,13 @@ def _train(argv: list[str]) -> int:
         print(format_report(summary))
         return 0
     if _is_main_process():
+        from refdpo.io import read_jsonl
+        from refdpo.tables import markdown
+
+        evaluations = [r for r in read_jsonl(f"{summary['run_dir']}/metrics.jsonl") if "val_loss" in r]
+        if evaluations:
+            print(markdown(evaluations, ["step", "epoch", "val_loss", "val_reward_accuracy", "val_policy_accuracy",
+                                         "val_margin"]))
         val = summary["last_val"] or {}
         print(f"done: {summary['steps']} steps in {summary['run_dir']}; best val loss "
               f"{summary['best_val_loss']} at step {summary['best_step']}; last val reward accuracy "
@@ -227,9 +224,13 @@ def main(argv: list[str] | None = None) -> None:
 
         print(f"refdpo {__version__}")
         sys.exit(0)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(__doc__.strip(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip(), file=sys.stdout if argv else sys.stderr)
+        sys.exit(0 if argv else 2)
+    if argv[0] not in COMMANDS:
+        print(f"refdpo: error: unknown command {argv[0]!r}; the commands are {', '.join(COMMANDS)} "
+              "(refdpo --help)", file=sys.stderr)
+        sys.exit(2)
     _setup_logging()
     from refdpo.allocator import tune_allocator
 
@@ -242,5 +243,15 @@ def main(argv: list[str] | None = None) -> None:
         if _is_main_process():
             for line in str(e).splitlines():
                 print(f"refdpo {argv[0]}: error: {line}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))
+    except OSError as e:  # the environment failed (a full disk, a vanished folder): one line, what was written stays
+        if _is_main_process():
+            where = f": {e.filename}" if e.filename else ""
+            print(f"refdpo {argv[0]}: error: {e.strerror or e}{where}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        if _is_main_process():
+            print(f"refdpo {argv[0]}: interrupted; files are written atomically, so what was finished is kept "
+                  "(train --resume, score and sweep continue where they stopped)", file=sys.stderr)
+        sys.exit(130)
     sys.exit(code)

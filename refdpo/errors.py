@@ -17,6 +17,14 @@ class ConfigError(RefdpoError):
     """A bad configuration value or file."""
 
 
+class Interrupted(RefdpoError):
+    """A run stopped by a signal (Ctrl-C, SIGTERM) after saving what it could; says how to resume."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention for a process ended by a signal
+
+
 class DataError(RefdpoError):
     """A bad record, named by its file, row and field.
 

@@ -64,3 +64,42 @@ def write_jsonl(path: str | Path, records: list[dict]) -> None:
 def read_jsonl(path: str | Path) -> list[dict]:
     """The objects of a JSON-lines file we wrote (user data goes through data/loading.py, which names bad lines)."""
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def local_or_hub(name: str) -> str:
+    """A local file or folder by its absolute path (symlinks resolved), anything else (a hub id) as given."""
+    return str(Path(name).resolve()) if name and Path(name).exists() else name
+
+
+def looks_local(name: str) -> bool:
+    """A name meant as a local path rather than a hub id ("org/model"): absolute, relative with ./ ../ ~, or
+    more than one '/'."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+
+
+def require_local(name: str, what: str) -> None:
+    """Refuse, in one line, a local path that does not exist (the hub would answer with a repo-id error)."""
+    if name and looks_local(name) and not Path(name).expanduser().exists():
+        from refdpo.errors import ConfigError
+
+        raise ConfigError(f"{name}: no such file or folder ({what})")
+
+
+def require_writable(path: str | Path, what: str) -> None:
+    """Refuse, in one line and before anything heavy, an output path that cannot be written (a read-only
+    filesystem, no permission, a file where a folder should be). Creates nothing: a probe file in the nearest
+    existing folder is made and removed."""
+    import tempfile
+
+    from refdpo.errors import ConfigError
+
+    target = Path(path).expanduser().absolute()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {path}: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".refdpo-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: cannot write in {existing} ({e.strerror or e})") from None

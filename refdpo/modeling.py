@@ -11,6 +11,7 @@ import torch
 
 from refdpo.config import INFERENCE_DTYPES
 from refdpo.errors import ConfigError, RefdpoError, first_line
+from refdpo.io import local_or_hub, require_local
 
 
 def pad_token_id(tokenizer) -> int:
@@ -37,8 +38,10 @@ def resolve_attn_implementation(requested: str, device: torch.device) -> str:
 def _from_pretrained(spec, dtype: torch.dtype, attn: str, **kwargs) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
+    require_local(spec.model, "the model: --model")
+    # A local folder by its absolute path: the model's name_or_path is what a LoRA adapter records as its base.
     try:
-        return AutoModelForCausalLM.from_pretrained(spec.model, revision=spec.revision, dtype=dtype,
+        return AutoModelForCausalLM.from_pretrained(local_or_hub(spec.model), revision=spec.revision, dtype=dtype,
                                                     attn_implementation=attn,
                                                     trust_remote_code=spec.trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
@@ -61,7 +64,10 @@ def load_policy(cfg, device: torch.device, model: torch.nn.Module | None = None)
             raise ConfigError("the model given has LoRA adapters already: train them with lora=False")
     model.config.use_cache = False
     if cfg.gradient_checkpointing and not cfg.compile:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.liger:
         _apply_liger(model)
     if cfg.compile:

@@ -10,7 +10,7 @@ of a rendered and tokenised probe conversation), the mode (conditional | prior, 
 and the truncation policy, and the rows scored.
 
 `train` compares what it can: a fingerprint says whether the reference *is* the policy, and a shared tokenizer
-makes template and max_len comparable. Mismatches are warnings, or errors with --strict.
+makes template and max_len comparable. Mismatches are errors, or with --strict false warnings the run records.
 """
 
 from __future__ import annotations
@@ -254,10 +254,11 @@ def reference_entry(cfg, model, tokenizer, rendered: str, raw, data, weights: st
     }
 
 
-def check_for_training(data, tokenizer, cfg, strict: bool = False) -> None:
+def check_for_training(data, tokenizer, cfg, strict: bool = True) -> list[str]:
     """Compare how a split's reference columns were scored (its provenance) with the run about to use them
-    (`cfg`: model, revision, template, max_len): log what matches, warn on what would make the stored log-probs
-    mean something else than intended, or with `strict` refuse (ConfigError). `data`: a PairData, whose
+    (`cfg`: model, revision, template, max_len): log what matches; refuse (ConfigError, naming every mismatch
+    and the override) what would make the stored log-probs mean something else than the objective assumes, or
+    without `strict` warn and return those mismatches for the run to record. `data`: a PairData, whose
     `origin` describes the whole split it came from."""
     columns, origin = data.stats["ref_columns"], data.origin
     sidecar = Path(origin["provenance"]) if origin.get("provenance") else None
@@ -265,7 +266,7 @@ def check_for_training(data, tokenizer, cfg, strict: bool = False) -> None:
     if entry is None:
         log.info("%s: no provenance for %s (not written by refdpo score): how they were scored is unchecked",
                  data.source, ",".join(columns))
-        return
+        return []
     longest = max(e.full_length for seqs in (data.chosen, data.rejected) for e in seqs)
     warnings, notes = training_report(entry, model=cfg.model, revision=cfg.revision, tokenizer=tokenizer,
                                       template=cfg.template, max_len=cfg.max_len, rows=origin["rows_total"],
@@ -273,7 +274,9 @@ def check_for_training(data, tokenizer, cfg, strict: bool = False) -> None:
     for note in notes:
         log.info("%s: %s", data.source, note)
     if warnings and strict:
-        raise ConfigError(f"{data.source}: the reference log-probs do not match this run (--strict): "
-                          + "; ".join(warnings))
+        raise ConfigError(f"{data.source}: the reference log-probs do not match this run: " + "; ".join(warnings)
+                          + " (rescore with `refdpo score`, or train anyway with --strict false: the run records "
+                          "the mismatch)")
     for warning in warnings:
-        log.warning("%s: %s (--strict refuses this)", data.source, warning)
+        log.warning("%s: %s (trained anyway: --strict false; recorded in summary.json)", data.source, warning)
+    return warnings

@@ -28,6 +28,7 @@ import shutil
 from pathlib import Path
 
 from refdpo.errors import ConfigError, RefdpoError, first_line
+from refdpo.io import require_local
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,15 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
     """The tokenizer of `name` (hub id or folder) tokenising as its files define (see the module docstring)."""
     from transformers import AutoTokenizer
 
+    require_local(name, "the tokenizer: --tokenizer, else --model")
+    if Path(name).is_dir() and not any((Path(name) / f).exists() for f in TOKENIZER_FILES):
+        raise ConfigError(f"{name} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): pass --tokenizer with the "
+                          "folder or hub id of the model's tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as e:
-        raise RefdpoError(f"cannot load tokenizer {name!r}: {first_line(e) or type(e).__name__}") from None
+        raise RefdpoError(f"cannot load tokenizer {name!r}: {first_line(e) or type(e).__name__} (--tokenizer "
+                          "names another)") from None
     files = {f: p for f in TOKENIZER_FILES if (p := _resolve(name, f, revision)) is not None}
     tokenizer.refdpo_files = files  # what save_tokenizer copies
     built = getattr(tokenizer, "backend_tokenizer", None)

@@ -14,6 +14,8 @@ builds tokenizer folders laid out as the Hub repos ship them.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -63,7 +65,7 @@ def fetch(filename: str) -> Path:
                                      headers={"Accept": "application/vnd.pypi.simple.v1+json"})
     files = json.loads(urllib.request.urlopen(request, timeout=60).read())["files"]
     url = next(f["url"] for f in files if f["filename"] == filename)
-    tmp = path.with_name(path.name + ".part")
+    tmp = path.with_name(f"{path.name}.part-{os.getpid()}")
     with urllib.request.urlopen(url, timeout=600) as response, open(tmp, "wb") as out:
         while block := response.read(1 << 20):
             out.write(block)
@@ -73,8 +75,22 @@ def fetch(filename: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _populating():
+    """One process at a time fills the cache (pytest-xdist workers share it); the others wait, then read."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def mistral_sentencepiece() -> Path:
     """Mistral-7B-v0.1's tokenizer.model (from mistral-common's wheel)."""
+    with _populating():
+        return _mistral_sentencepiece()
+
+
+def _mistral_sentencepiece() -> Path:
     path = CACHE / "mistral" / "tokenizer.model"
     if not (path.is_file() and _sha256(path) == MISTRAL_SHA256):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,13 +103,14 @@ def mistral_sentencepiece() -> Path:
 def llamacpp_vocab(name: str) -> tuple[Path, list[tuple[str, list[int]]]]:
     """llama.cpp's `ggml-vocab-NAME.gguf` and its reference tokenisations [(text, ids without BOS)]."""
     folder = CACHE / "llama.cpp"
-    if not (folder / f"ggml-vocab-{name}.gguf.out").is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(fetch("llama_cpp_python-0.3.36.tar.gz")) as sdist:
-            for member in sdist.getmembers():
-                if "/vendor/llama.cpp/models/ggml-vocab-" in member.name and member.isfile():
-                    target = folder / Path(member.name).name
-                    target.write_bytes(sdist.extractfile(member).read())
+    with _populating():
+        if not (folder / f"ggml-vocab-{name}.gguf.out").is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            with tarfile.open(fetch("llama_cpp_python-0.3.36.tar.gz")) as sdist:
+                for member in sdist.getmembers():
+                    if "/vendor/llama.cpp/models/ggml-vocab-" in member.name and member.isfile():
+                        target = folder / Path(member.name).name
+                        target.write_bytes(sdist.extractfile(member).read())
     texts = (folder / f"ggml-vocab-{name}.gguf.inp").read_text(encoding="utf-8").split(SEPARATOR)
     ids = (folder / f"ggml-vocab-{name}.gguf.out").read_text(encoding="utf-8").split("\n")
     return folder / f"ggml-vocab-{name}.gguf", [(t, [int(x) for x in i.split()]) for t, i in zip(texts, ids)]

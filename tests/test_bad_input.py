@@ -276,7 +276,7 @@ def test_ref_free_accepts_a_record_without_logprobs(tiny_setup, valid_records, t
     out, err = capsys.readouterr()
     assert exc.value.code == 0, err
     assert "error" not in err
-    assert out.startswith(f"done: 1 steps in {run}"), out
+    assert out.splitlines()[-1].startswith(f"done: 1 steps in {run.resolve()}"), out
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 1 and summary["data"]["train"]["pairs"] == 3
     assert "ref_columns" not in summary["data"]["train"]

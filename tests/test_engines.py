@@ -17,6 +17,10 @@ from helpers import REPO, kill_at_checkpoint, max_diff, read_metrics, run_cli, w
 
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
           "--dynamo_backend", "no"]
+# One xdist worker runs these in order (`pytest -n 2 --dist loadgroup`): the module's fixtures once, launches
+# never two at a time.
+pytestmark = pytest.mark.xdist_group("launches")
+
 ENGINES = {  # the flags a user types, and what the run must record
     "ddp": (["--multi_gpu"], {"distributed_type": "MULTI_CPU"}),
     "fsdp2": (["--use_fsdp", "--fsdp_version", "2"], {"distributed_type": "FSDP", "fsdp_version": 2}),

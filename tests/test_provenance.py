@@ -4,6 +4,7 @@ weights or rows, --strict)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -24,13 +25,22 @@ from refdpo.errors import ConfigError
 # --- what train does with it --------------------------------------------------------------------------------
 
 
-def test_train_warns_on_a_provenance_mismatch_and_strict_refuses(tiny_setup, tmp_path, caplog):
-    with pytest.raises(ConfigError, match="template 'tulu'.*'zephyr'"):
-        train(train_config(tiny_setup, tmp_path / "strict", template="zephyr", strict=True, max_train_pairs=8))
+@pytest.mark.parametrize("mismatch", [{"template": "zephyr"}, {"max_len": 40}])
+def test_mismatched_reference_columns_are_refused_unless_overridden_and_then_recorded(tiny_setup, tmp_path,
+                                                                                      caplog, mismatch):
+    expected = "insert_eos" if "template" in mismatch else "scored with max_len 512 but training uses 40"
+    with pytest.raises(ConfigError) as refused:
+        train(train_config(tiny_setup, tmp_path / "refused", max_train_pairs=8, **mismatch))
+    assert expected in str(refused.value) and "--strict false" in str(refused.value)
+    assert "\n" not in str(refused.value) and not (tmp_path / "refused" / "metrics.jsonl").exists()
     caplog.set_level("INFO")
-    train(train_config(tiny_setup, tmp_path / "lenient", template="zephyr", max_train_pairs=8))
-    assert any("insert_eos" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    summary = train(train_config(tiny_setup, tmp_path / "lenient", max_train_pairs=8, strict=False, **mismatch))
+    assert any(expected in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
     assert any("is the policy itself" in r.getMessage() for r in caplog.records)
+    recorded = json.loads((tmp_path / "lenient" / "summary.json").read_text())["reference_mismatches"]
+    assert recorded == summary["reference_mismatches"] and expected in recorded["train"][0]
+    assert expected in recorded["val"][0]
+
 
 # --- comparisons --------------------------------------------------------------------------------------------
 

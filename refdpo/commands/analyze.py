@@ -23,7 +23,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from refdpo.checkpoint import model_path
+from refdpo.checkpoint import model_name, model_path
 from refdpo.config import DataSpec, ModelSpec, check_all, option
 from refdpo.core.logprobs import TokenLogprobs, token_logprobs
 from refdpo.data import PairData, load_pairs
@@ -125,6 +125,17 @@ def write_analysis(result: dict, out: Path) -> None:
     _plot(result, token_rows, hist_rows, top_rows, out)
 
 
+def _labels(names: list[str]) -> dict[str, str]:
+    """Short legend labels: each model's run name (checkpoint.model_name), or as many trailing parts of its path
+    as make the labels distinct."""
+    short = {n: model_name(n) for n in names}
+    for k in range(1, max(len(Path(n).parts) for n in names) + 1):
+        if len(set(short.values())) == len(names):
+            break
+        short = {n: "/".join(Path(n).parts[-k:]) for n in names}
+    return short
+
+
 def _plot(result: dict, token_rows, hist_rows, top_rows, out: Path) -> None:
     import matplotlib
 
@@ -132,38 +143,44 @@ def _plot(result: dict, token_rows, hist_rows, top_rows, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     policies = result["policies"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    short = _labels([*policies, "reference"])
+    fig, ax = plt.subplots(figsize=(9, 4))
     centers = [(r["bin_lo"] + r["bin_hi"]) / 2 for r in hist_rows]
     for p in policies:
-        ax.step(centers, [r[f"fraction[{p}]"] for r in hist_rows], where="mid", label=p)
+        ax.step(centers, [r[f"fraction[{p}]"] for r in hist_rows], where="mid", label=short[p])
     ax.set(yscale="log", xlabel="log-probability difference (policy - reference), mean per token",
            ylabel="ratio of token types", title="Fig. 1: per-token log-prob differences")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(out / "token_histogram.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 0.4 * max(len(top_rows), 3) + 1.5))
+    fig, ax = plt.subplots(figsize=(9, 0.4 * max(len(top_rows), 3) + 1.5))
     height = 0.8 / max(len(policies), 1)
     for j, p in enumerate(policies):
         ax.barh([k + j * height for k in range(len(top_rows))], [r[f"mean_diff[{p}]"] for r in top_rows],
-                height=height, label=p)
+                height=height, label=short[p])
     ax.set_yticks([k + 0.4 - height / 2 for k in range(len(top_rows))], [repr(r["token"]) for r in top_rows])
     ax.invert_yaxis()
     ax.set(xlabel="mean log-probability difference", title="Fig. 2: most down-weighted tokens")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # off the bars
     fig.tight_layout()
     fig.savefig(out / "top_tokens.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    # The two statistics differ by orders of magnitude (values near -6, differences near 0.01): one axis each.
     rows = result["eos"]
     x = np.arange(len(rows))
-    ax.bar(x - 0.2, [r["eos_value"] for r in rows], width=0.4, label="value")
-    ax.bar(x + 0.2, [r["eos_difference"] for r in rows], width=0.4, label="difference (chosen - rejected)")
-    ax.set_xticks(x, [r["model"] for r in rows], rotation=20, fontsize=7)
-    ax.set(ylabel="log-probability", title="Fig. 3: the end token")
-    ax.legend(fontsize=7)
+    fig, (value, difference) = plt.subplots(1, 2, figsize=(10, 4))
+    value.bar(x, [r["eos_value"] for r in rows], width=0.6, color="tab:blue")
+    value.set(ylabel="mean log p(end token)", title="value")
+    difference.bar(x, [r["eos_difference"] for r in rows], width=0.6, color="tab:orange")
+    difference.axhline(0, color="black", linewidth=0.8)
+    difference.set(ylabel="mean of chosen - rejected, per pair", title="difference (chosen - rejected)")
+    for ax in (value, difference):
+        ax.set_xticks(x, [short.get(r["model"], r["model"]) for r in rows], rotation=20, fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("Fig. 3: the end token's log-probability")
     fig.tight_layout()
     fig.savefig(out / "eos.png", dpi=120)
     plt.close(fig)

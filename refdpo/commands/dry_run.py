@@ -7,6 +7,7 @@ truncation (percentiles), how many pairs `max_len` drops or cuts, and the steps 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -40,16 +41,19 @@ def processes() -> int:
 
 def train_dry_run(cfg, inputs) -> dict:
     """What `refdpo train` would do with `cfg` (and the Python API's `inputs`)."""
-    from refdpo.commands.train import load_split_data, locate_data
     from refdpo.commands.train_config import schedule_steps
+    from refdpo.commands.train_data import load_split_data, locate_data
     from refdpo.data.templates import check_template
     from refdpo.tokenization import load_tokenizer
 
     train_at, val_at = locate_data(cfg, inputs)
     tokenizer = inputs.tokenizer or load_tokenizer(cfg.tokenizer or cfg.model, cfg.revision, cfg.trust_remote_code)
     check_template(cfg.template, tokenizer)
-    train_data = load_split_data(cfg, cfg.train_split, train_at, cfg.max_train_pairs, tokenizer, None)
-    val_data = load_split_data(cfg, cfg.val_split, val_at, cfg.max_val_pairs, tokenizer, None) if val_at else None
+    lenient = dataclasses.replace(cfg, strict=False)  # a mismatch is reported below, not raised
+    train_data, train_mismatch = load_split_data(lenient, cfg.train_split, train_at, cfg.max_train_pairs,
+                                                 tokenizer, None)
+    val_data, val_mismatch = (load_split_data(lenient, cfg.val_split, val_at, cfg.max_val_pairs, tokenizer, None)
+                              if val_at else (None, []))
     sampler = PairSampler(len(train_data), cfg.batch_size, cfg.accumulate_step, processes(), 0, cfg.seed)
     steps, warmup = schedule_steps(cfg, sampler.steps_per_epoch)
     plan = {"processes": processes(), "global_batch": sampler.global_batch,
@@ -59,6 +63,9 @@ def train_dry_run(cfg, inputs) -> dict:
                                                            *range(sampler.steps_per_epoch, steps + 1,
                                                                   sampler.steps_per_epoch), steps})}
     splits = {"train": split_report(train_data)} | ({"val": split_report(val_data)} if val_data else {})
+    for name, found in (("train", train_mismatch), ("val", val_mismatch)):
+        if found:  # what the run would refuse (or, with --strict false, train through and record)
+            splits[name]["reference_mismatches"] = found
     return {"dry_run": True, "command": "train", "config": cfg.to_dict(), "splits": splits, "plan": plan}
 
 
@@ -73,6 +80,11 @@ def format_report(report: dict) -> str:
         for what in ("prompt_tokens", "reply_tokens", "sequence_tokens"):
             lengths = split[what]
             lines.append(f"  {what.replace('_', ' ')}: " + ", ".join(f"{k} {v}" for k, v in lengths.items()))
+        strict = report["config"].get("strict", True)
+        for mismatch in split.get("reference_mismatches", []):
+            lines.append(f"  reference log-probs: {mismatch} ("
+                         + ("the run refuses this; --strict false trains anyway)" if strict else
+                            "trained through with --strict false, recorded in summary.json)"))
     lines.append("")
     lines.append("plan: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in report["plan"].items()))
     return "\n".join(lines)

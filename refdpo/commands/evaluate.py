@@ -8,22 +8,36 @@ checkpoint), reward accuracy and policy accuracy (Table 2), margins, mean log-pr
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from refdpo.checkpoint import model_path
-from refdpo.config import WEIGHT_DTYPES, DataSpec, LayoutSpec, ModelSpec, ObjectiveSpec, check_all, option
+from refdpo.checkpoint import CHECKPOINTS, model_path
+from refdpo.config import (
+    WEIGHT_DTYPES,
+    DataSpec,
+    LayoutSpec,
+    ModelSpec,
+    ObjectiveSpec,
+    check_all,
+    load_yaml,
+    option,
+)
+from refdpo.console import quiet_third_parties
 from refdpo.core.forward import evaluate_pairs
 from refdpo.core.verify import choose_collate, head_matches_model
 from refdpo.data import collate_pairs, load_pairs, parse_ref_columns, to_device
 from refdpo.data.templates import check_template
 from refdpo.engine import start_processes
+from refdpo.io import require_writable
 from refdpo.modeling import load_frozen, pad_token_id, reset_accelerate_state
 from refdpo.tables import markdown, write_tables
 from refdpo.tokenization import load_tokenizer
+
+log = logging.getLogger(__name__)
 
 # --- `refdpo evaluate`: one table over several checkpoints ------------------------------------------------
 
@@ -51,6 +65,22 @@ class EvalConfig(LayoutSpec, ObjectiveSpec, DataSpec, ModelSpec):
 
 TABLE_COLUMNS = ("pairs", "loss", "reward_accuracy", "policy_accuracy", "margin", "reward_chosen",
                  "reward_rejected", "logp_chosen", "logp_rejected", "length_chosen", "length_rejected")
+SETTING_COLUMNS = ("objective", "beta", "ref_columns")  # what each row's loss and rewards were computed with
+# What a run's own config.yaml decides when the run (or one of its checkpoints) is evaluated: what its
+# validation loss meant. Flags given for these apply to the other models in --model.
+RUN_SETTINGS = ("loss", "beta", "ref_free", "label_smoothing", "simpo_gamma", "dpo_weight", "ref_columns",
+                "template", "max_len", "on_truncated")
+
+
+def run_settings(name: str) -> dict:
+    """RUN_SETTINGS as the run `name` is (a run folder) or belongs to (one of its checkpoints) trained with;
+    {} for a model that is not part of a run."""
+    path = Path(name)
+    for folder in (path, path.parent.parent):
+        if (folder / "config.yaml").is_file() and (folder / CHECKPOINTS).is_dir():
+            recorded = load_yaml(folder / "config.yaml")
+            return {k: recorded[k] for k in RUN_SETTINGS if k in recorded}
+    return {}
 
 
 def evaluate(cfg: EvalConfig) -> list[dict]:
@@ -60,25 +90,34 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     from accelerate import Accelerator
 
     cfg = cfg.validate().require()  # fields may have been set since the config was made
+    quiet_third_parties()  # as the CLI does
+    if cfg.out:
+        require_writable(cfg.out, "--out")  # before any model loads
 
     reset_accelerate_state()
     accelerator = Accelerator(cpu=start_processes())  # a CPU launch: one gloo group, not independent processes
     rows, tokenised = [], {}  # checkpoints with the same tokenizer files share one tokenisation of the split
-    columns = parse_ref_columns(cfg.ref_columns) if cfg.objective.uses_reference else None
     for name in cfg.models:
         path = model_path(name)
-        spec = dataclasses.replace(cfg, model=path)
+        own = run_settings(name)
+        spec = dataclasses.replace(cfg, model=path, **own)
+        if any(getattr(cfg, k) != v for k, v in own.items()):
+            log.info("%s: evaluated as it was trained: loss %s, beta %s, reference columns %s, template %s, "
+                     "max_len %d (its config.yaml)", name, spec.loss, spec.beta,
+                     "none" if spec.ref_free else spec.ref_columns, spec.template, spec.max_len)
+        columns = parse_ref_columns(spec.ref_columns) if spec.objective.uses_reference else None
         tokenizer = load_tokenizer(cfg.tokenizer or path, cfg.revision, cfg.trust_remote_code)
-        check_template(cfg.template, tokenizer)
-        data = load_pairs(cfg, cfg.split, tokenizer, columns, cfg.max_pairs, tokenised)
+        check_template(spec.template, tokenizer)
+        data = load_pairs(spec, cfg.split, tokenizer, columns, cfg.max_pairs, tokenised)
         model = load_frozen(spec, accelerator.device, getattr(torch, cfg.dtype))
         pad_id = pad_token_id(tokenizer)
         probe = to_device(collate_pairs(data, np.arange(1), np.ones(1), pad_id), accelerator.device)
         fused, _ = head_matches_model(model, probe)
         collate = choose_collate(model, data, pad_id, accelerator.device, fused, cfg.packing, cfg.pack_capacity)
-        metrics = evaluate_pairs(model, data, cfg.objective, accelerator, cfg.batch_size, pad_id, fused, prefix="",
-                                 collate=collate)
-        rows.append({"model": name, "checkpoint": path, **{k: metrics[k] for k in TABLE_COLUMNS}})
+        metrics = evaluate_pairs(model, data, spec.objective, accelerator, cfg.batch_size, pad_id, fused,
+                                 prefix="", collate=collate)
+        rows.append({"model": name, "checkpoint": path, **{k: metrics[k] for k in TABLE_COLUMNS},
+                     "objective": spec.loss, "beta": spec.beta, "ref_columns": ",".join(columns or ["none"])})
         del model
     if cfg.out and accelerator.is_main_process:
         write_tables(rows, Path(cfg.out), "evaluate", {"config": dataclasses.asdict(cfg)})
@@ -87,4 +126,4 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     """Markdown: one row per checkpoint."""
-    return markdown(rows, ["model", *TABLE_COLUMNS])
+    return markdown(rows, ["model", *TABLE_COLUMNS, *SETTING_COLUMNS])

@@ -14,6 +14,7 @@ An output is degenerate when either holds. Over-optimised policies (too small a 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -23,10 +24,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from refdpo.checkpoint import model_name, model_path
 from refdpo.config import InferenceSpec, ModelSpec, check_all, option
 from refdpo.data.templates import DEFAULT_TEMPLATE, TEMPLATES, adds_special_tokens, check_template, render
 from refdpo.errors import DataError
-from refdpo.io import atomic_write_json
+from refdpo.io import atomic_write_json, require_writable
 from refdpo.modeling import (
     default_device,
     inference_dtype,
@@ -47,7 +49,8 @@ class GenerateConfig(InferenceSpec, ModelSpec):
                                        ".jsonl file of records with an 'instruction'")
     out: str = option("outputs.json", "where to write the outputs (AlpacaEval format)")
     template: str = option(DEFAULT_TEMPLATE, f"chat format the model was trained with: {' | '.join(TEMPLATES)}")
-    generator: str = option("", "name recorded in each output (default: the model path's last part)")
+    generator: str = option("", "name recorded in each output (default: the run's name for a run folder or its "
+                                "checkpoints, else the model path's last part)")
     max_new_tokens: int = option(2048, "tokens generated at most per prompt")
     batch_size: int = option(16, "prompts per generate call")
     do_sample: bool = option(False, "sample instead of greedy decoding")
@@ -177,6 +180,9 @@ def _generate_vllm(tokenizer, prompts: list[dict], cfg: GenerateConfig) -> tuple
 
 def generate(cfg: GenerateConfig) -> dict:
     """Generate, write the AlpacaEval JSON and its statistics; returns the statistics."""
+    require_writable(Path(cfg.out).parent, "--out")  # before the model loads
+    generator = cfg.generator or model_name(cfg.model)  # a run's name, not "best": runs must not collide
+    cfg = dataclasses.replace(cfg, model=model_path(cfg.model))  # a run folder stands for its best checkpoint
     prompts = load_prompts(cfg.prompts, cfg.max_prompts)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.revision, cfg.trust_remote_code)
     check_template(cfg.template, tokenizer)
@@ -186,7 +192,6 @@ def generate(cfg: GenerateConfig) -> dict:
         device = default_device()
         model = load_frozen(cfg, device, inference_dtype(cfg.dtype, device), cfg.device_map)
         tokens, ended = generate_outputs(model, tokenizer, prompts, cfg)
-    generator = cfg.generator or Path(cfg.model.rstrip("/")).name
     records = [{"instruction": p["instruction"], "output": tokenizer.decode(t, skip_special_tokens=True).strip(),
                 "generator": generator, "dataset": p["dataset"]} for p, t in zip(prompts, tokens)]
     out = Path(cfg.out)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from refdpo.config import Config, check_all, option
-from refdpo.errors import ConfigError, RefdpoError, first_line
+from refdpo.errors import ConfigError, DataError, RefdpoError, first_line
 from refdpo.tables import write_tables
 
 LEADERBOARD_COLUMNS = ("length_controlled_winrate", "win_rate", "standard_error", "n_total", "avg_length")
@@ -49,15 +49,32 @@ def _require_judge() -> None:
                           f"{', '.join(KEY_VARIABLES[1:])})")
 
 
+def _read_outputs(path: str) -> list:
+    """An outputs file as `refdpo generate` writes it (a JSON list of records), or one line saying why not."""
+    try:
+        outputs = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such outputs file (write one with refdpo generate)") from None
+    except (OSError, ValueError) as e:
+        raise DataError(path, f"not a JSON outputs file: {first_line(e)}") from None
+    if not isinstance(outputs, list):
+        raise DataError(path, f"expected a JSON list of outputs, got {type(outputs).__name__}")
+    return outputs
+
+
 def judge(cfg: JudgeConfig) -> list[dict]:
     """Judge every outputs file; returns one leaderboard row per generator."""
+    paths = [p.strip() for p in cfg.outputs.split(",") if p.strip()]
+    loaded = {path: _read_outputs(path) for path in paths}  # the files first: a wrong path is not a missing extra
+    if cfg.table and not Path(cfg.table).is_file():
+        raise ConfigError(f"--table {cfg.table}: no such file (an evaluate.json written by refdpo evaluate --out)")
     _require_judge()
     from alpaca_eval import evaluate as alpaca_evaluate
 
     out = Path(cfg.out)
     rows = []
-    for path in [p.strip() for p in cfg.outputs.split(",") if p.strip()]:
-        outputs = json.loads(Path(path).read_text())
+    for path in paths:
+        outputs = loaded[path]
         generator = outputs[0]["generator"] if outputs else Path(path).stem
         try:
             leaderboard, _ = alpaca_evaluate(model_outputs=path, annotators_config=cfg.annotators_config,

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from refdpo import provenance as prov
 from refdpo.commands import score_job
 from refdpo.config import DataSpec, InferenceSpec, ModelSpec, check_all, option
+from refdpo.console import quiet_third_parties
 from refdpo.core.logprobs import sequence_logprobs
 from refdpo.core.verify import agrees, head_matches_model, low_precision
 from refdpo.data import (
@@ -56,6 +57,7 @@ from refdpo.data.templates import PRIOR_PREFIXES, check_template
 from refdpo.data.writing import check_writable, output_format, push_to_hub, write_records
 from refdpo.engine import ENGINES, requested_engine, start_processes
 from refdpo.errors import ConfigError, RefdpoError
+from refdpo.io import require_writable
 from refdpo.modeling import (
     custom_mask_problem,
     inference_dtype,
@@ -251,6 +253,8 @@ def score(cfg: ScoreConfig) -> dict:
     from accelerate import PartialState
 
     cfg = cfg.validate().require()  # fields may have been set since the config was made
+    quiet_third_parties()  # as the CLI does
+    require_writable(Path(cfg.out).parent, "--out")  # before the model loads
     start_processes()
     state = PartialState()
     engine = requested_engine()["engine"]

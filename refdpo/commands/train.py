@@ -22,16 +22,17 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from refdpo import checkpoint as ckpt
-from refdpo import provenance as prov
-from refdpo.commands.train_config import TrainConfig, schedule_steps
-from refdpo.config import save_yaml
+from refdpo.commands.train_config import TrainConfig, resume_changes, schedule_steps
+from refdpo.commands.train_data import Inputs, load_split_data, locate_data
+from refdpo.config import load_yaml, save_yaml
+from refdpo.console import eval_line, interactive, quiet_third_parties, step_line
 from refdpo.core.forward import evaluate_pairs, forward_pairs
 from refdpo.core.metrics import MetricsLog, PairStats, peak_memory_gb
 from refdpo.core.verify import choose_collate, head_matches_model
-from refdpo.data import PairData, PairSampler, collate_pairs, load_pairs, parse_ref_columns, to_device
-from refdpo.data.loading import SplitLocation, locate_split
+from refdpo.data import PairData, PairSampler, collate_pairs, to_device
 from refdpo.data.templates import check_template
 from refdpo.engine import (
     describe_engine,
@@ -41,9 +42,10 @@ from refdpo.engine import (
     make_accelerator,
     start_processes,
 )
-from refdpo.errors import ConfigError
-from refdpo.io import atomic_write_json
+from refdpo.errors import ConfigError, Interrupted
+from refdpo.io import atomic_write_json, local_or_hub, require_writable
 from refdpo.modeling import load_policy, pad_token_id, reset_accelerate_state
+from refdpo.signals import StopOnSignal
 from refdpo.tokenization import check_reload, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -87,49 +89,7 @@ class Run:
     progress: Progress
     metrics: MetricsLog
     lock: object  # the main process's lock on run_dir
-
-
-@dataclass
-class Inputs:
-    """What the Python API may hand over instead of naming it in the config (`train`'s keyword arguments)."""
-
-    model: torch.nn.Module | None = None
-    tokenizer: object = None
-    train_dataset: object = None  # a datasets.Dataset or DatasetDict, or a list of records
-    eval_dataset: object = None
-
-    def given(self) -> list[str]:
-        """The config fields these stand in for (exempt from `require`)."""
-        return ([] if self.model is None else ["model"]) + ([] if self.train_dataset is None else ["dataset"])
-
-
-def locate_data(cfg: TrainConfig, inputs: Inputs) -> tuple[SplitLocation, SplitLocation | None]:
-    """Where the training and validation splits are, checked before anything is loaded. A DatasetDict handed
-    over gives both splits by name (train_split, val_split); a Dataset is the training split, and validation
-    is `eval_dataset`'s (none without it)."""
-    import datasets
-
-    given = inputs.train_dataset
-    if given is not None and not isinstance(given, datasets.DatasetDict):
-        evaluation = inputs.eval_dataset
-        return (locate_split(given, cfg.train_split),
-                locate_split(evaluation, cfg.val_split) if evaluation is not None else None)
-    source, where = (given if given is not None else cfg.dataset), (cfg.dataset_config, cfg.dataset_revision)
-    train_at = locate_split(source, cfg.train_split, *where, role="--train_split")
-    if inputs.eval_dataset is not None:
-        return train_at, locate_split(inputs.eval_dataset, cfg.val_split)
-    val_at = locate_split(source, cfg.val_split, *where, role="--val_split") if cfg.val_split else None
-    return train_at, val_at
-
-
-def load_split_data(cfg: TrainConfig, split: str, location: SplitLocation, limit: int, tokenizer,
-               cache: dict | None) -> PairData:
-    """One split as the config says; its reference columns checked against their provenance."""
-    columns = parse_ref_columns(cfg.ref_columns) if cfg.objective.uses_reference else None
-    data = load_pairs(cfg, split, tokenizer, columns, limit, cache, location)
-    if columns is not None:
-        prov.check_for_training(data, tokenizer, cfg, strict=cfg.strict)
-    return data
+    mismatches: dict  # {split: [...]}: reference provenance mismatches trained through (--strict false)
 
 
 def _setup(cfg: TrainConfig, inputs: Inputs, data_cache: dict | None) -> Run:
@@ -141,6 +101,7 @@ def _setup(cfg: TrainConfig, inputs: Inputs, data_cache: dict | None) -> Run:
     reset_accelerate_state()
     cpu = start_processes()
     run_dir = ckpt.run_folder(cfg.output_dir)
+    require_writable(run_dir, "--output_dir")
     accelerator = make_accelerator(cpu, gradient_accumulation_steps=cfg.accumulate_step,
                                    mixed_precision=cfg.mixed_precision, log_with=cfg.trackers or None,
                                    project_dir=str(run_dir))
@@ -154,12 +115,15 @@ def _setup(cfg: TrainConfig, inputs: Inputs, data_cache: dict | None) -> Run:
     set_seed(cfg.seed)
     lock = ckpt.claim_run_folder(run_dir, accelerator, if_exists=True)  # before loading: a live run's folder
     resume_from = ckpt.resume_point(run_dir, cfg.resume)
+    changes = resume_changes(cfg, load_yaml(run_dir / "config.yaml"), run_dir) if resume_from is not None else {}
 
     tokenizer = inputs.tokenizer or load_tokenizer(cfg.tokenizer or cfg.model, cfg.revision, cfg.trust_remote_code)
     check_template(cfg.template, tokenizer)
-    train_data, val_data = main_process_first(accelerator, lambda: (
+    (train_data, train_mismatch), (val_data, val_mismatch) = main_process_first(accelerator, lambda: (
         load_split_data(cfg, cfg.train_split, train_at, cfg.max_train_pairs, tokenizer, data_cache),
-        load_split_data(cfg, cfg.val_split, val_at, cfg.max_val_pairs, tokenizer, data_cache) if val_at else None))
+        load_split_data(cfg, cfg.val_split, val_at, cfg.max_val_pairs, tokenizer, data_cache) if val_at
+        else (None, [])))
+    mismatches = {name: found for name, found in (("train", train_mismatch), ("val", val_mismatch)) if found}
     log.info("engine: %s", engine_name(engine))  # after the data: a data error stays the only line
 
     model = load_policy(cfg, accelerator.device, inputs.model)
@@ -178,8 +142,11 @@ def _setup(cfg: TrainConfig, inputs: Inputs, data_cache: dict | None) -> Run:
     if resume_from is not None:
         progress = _resume(accelerator, model, optimizer, scheduler, resume_from, progress)
     lock = ckpt.claim_run_folder(run_dir, accelerator, held=lock)
-    if accelerator.is_main_process:
-        save_yaml(cfg, run_dir / "config.yaml")
+    if accelerator.is_main_process:  # config.yaml is the run's as it started; a resume is recorded beside it
+        if resume_from is None:
+            save_yaml(dataclasses.replace(cfg, output_dir=str(run_dir.resolve())), run_dir / "config.yaml")
+        else:
+            ckpt.record_resume(run_dir, resume_from, changes)
     _start_trackers(cfg, accelerator, run_dir, progress, resumed=resume_from is not None)
     # On resume, what a killed run logged after its checkpoint is dropped (it is logged again); resuming a run
     # killed before its first checkpoint starts the log afresh.
@@ -188,7 +155,7 @@ def _setup(cfg: TrainConfig, inputs: Inputs, data_cache: dict | None) -> Run:
     pad_id = pad_token_id(tokenizer)
     fused, collate = _fast_paths(cfg, accelerator, model, train_data, val_data, pad_id, engine)
     return Run(cfg, accelerator, model, optimizer, scheduler, sampler, tokenizer, train_data, val_data, pad_id,
-               fused, collate, run_dir, engine, progress, metrics, lock)
+               fused, collate, run_dir, engine, progress, metrics, lock, mismatches)
 
 
 def _resume(accelerator, model, optimizer, scheduler, checkpoint: Path, fresh: Progress) -> Progress:
@@ -258,10 +225,11 @@ def _evaluate(run: Run, epoch_progress: float) -> bool:
                          cfg.eval_batch_size or cfg.batch_size, run.pad_id, run.fused, collate=run.collate)
     run.metrics.write({"step": progress.global_step, "epoch": epoch_progress, **val})
     progress.last_val = val
-    if progress.best_val_loss is None or val["val_loss"] < progress.best_val_loss:
+    best = progress.best_val_loss is None or val["val_loss"] < progress.best_val_loss
+    if best:
         progress.best_val_loss, progress.best_step, progress.best_val = val["val_loss"], progress.global_step, val
-        return True
-    return False
+    log.info(eval_line(progress.global_step, epoch_progress, val, best))
+    return best
 
 
 def _report(run: Run, stats: PairStats, lr: float, grad_norm, epoch_progress: float, seconds: float) -> dict:
@@ -283,6 +251,7 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module | None = None, tokenizer=N
     LM, in `cfg.dtype`) and `tokenizer`; a `train_dataset` (a datasets.Dataset, a DatasetDict whose
     `train_split`/`val_split` are used, or a list of records, in any format refdpo reads) and an `eval_dataset`.
     `data_cache`: tokenised splits shared across the runs of a sweep (data.load_pairs)."""
+    quiet_third_parties()  # as the CLI does
     inputs = Inputs(model, tokenizer, train_dataset, eval_dataset)
     cfg = cfg.validate().require(*inputs.given())  # fields may have been set since the config was made
     if model is not None and not cfg.model:  # the run records which model it trained
@@ -301,40 +270,61 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module | None = None, tokenizer=N
     stats = PairStats(run.accelerator.device, cfg.beta)
     save_every = cfg.save_interval or cfg.eval_interval
     bar = tqdm(total=progress.total_steps, initial=progress.global_step, desc="train", dynamic_ncols=True,
-               disable=not (cfg.progress and run.accelerator.is_main_process))
+               disable=not (cfg.progress and run.accelerator.is_main_process and interactive()))
     window_start, reload_checked = time.perf_counter(), False
     epochs = -(-progress.total_steps // sampler.steps_per_epoch)  # cfg.epochs, or what --max_steps needs
-    for epoch in range(progress.epoch, epochs):
-        for step in range(progress.step_in_epoch, sampler.steps_per_epoch):  # > 0 only when resuming
-            if progress.global_step == progress.total_steps:  # --max_steps, mid-epoch
-                break
-            micro_batches, valid = sampler.step(epoch, step)
-            lr = run.scheduler.get_last_lr()[0]
-            grad_norm = _train_step(run, micro_batches, valid, stats)
-            run.scheduler.step()
-            end_of_epoch = step + 1 == sampler.steps_per_epoch
-            progress.global_step += 1
-            progress.epoch, progress.step_in_epoch = epoch + end_of_epoch, 0 if end_of_epoch else step + 1
-            global_step, epoch_progress = progress.global_step, epoch + (step + 1) / sampler.steps_per_epoch
-            bar.update(1)
-            if global_step % cfg.report_freq == 0 or global_step == progress.total_steps:
-                record = _report(run, stats, lr, grad_norm, epoch_progress, time.perf_counter() - window_start)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-                window_start = time.perf_counter()
-            last = global_step == progress.total_steps
-            due_eval = run.val_data is not None and (global_step % cfg.eval_interval == 0 or end_of_epoch or last)
-            if due_eval or global_step % save_every == 0 or last:
-                is_best = _evaluate(run, epoch_progress) if due_eval else False
-                saved = ckpt.save_checkpoint(run.accelerator, run.model, run.optimizer, run.scheduler,
-                                             run.tokenizer, run.run_dir, global_step, dataclasses.asdict(progress),
-                                             is_best)
-                if not reload_checked:  # a checkpoint must tokenise as training did (tokenization.py)
-                    check_reload(run.tokenizer, saved, _sample_texts(run.train_data, run.tokenizer))
-                    reload_checked = True
-                window_start = time.perf_counter()  # evaluation and saving are not training throughput
+    with logging_redirect_tqdm(), StopOnSignal() as stop:  # log lines above the bar; Ctrl-C between steps
+        for epoch in range(progress.epoch, epochs):
+            for step in range(progress.step_in_epoch, sampler.steps_per_epoch):  # > 0 only when resuming
+                if progress.global_step == progress.total_steps:  # --max_steps, mid-epoch
+                    break
+                micro_batches, valid = sampler.step(epoch, step)
+                lr = run.scheduler.get_last_lr()[0]
+                grad_norm = _train_step(run, micro_batches, valid, stats)
+                run.scheduler.step()
+                end_of_epoch = step + 1 == sampler.steps_per_epoch
+                progress.global_step += 1
+                progress.epoch, progress.step_in_epoch = epoch + end_of_epoch, 0 if end_of_epoch else step + 1
+                global_step, epoch_progress = progress.global_step, epoch + (step + 1) / sampler.steps_per_epoch
+                bar.update(1)
+                if global_step % cfg.report_freq == 0 or global_step == progress.total_steps:
+                    record = _report(run, stats, lr, grad_norm, epoch_progress, time.perf_counter() - window_start)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    if bar.disable and cfg.progress:  # no terminal: a line per report instead of bar refreshes
+                        log.info(step_line(global_step, progress.total_steps, record))
+                    window_start = time.perf_counter()
+                last = global_step == progress.total_steps
+                due_eval = run.val_data is not None and (global_step % cfg.eval_interval == 0 or end_of_epoch or last)
+                if due_eval or global_step % save_every == 0 or last:
+                    is_best = _evaluate(run, epoch_progress) if due_eval else False
+                    saved = ckpt.save_checkpoint(run.accelerator, run.model, run.optimizer, run.scheduler,
+                                                 run.tokenizer, run.run_dir, global_step, dataclasses.asdict(progress),
+                                                 is_best)
+                    if not reload_checked:  # a checkpoint must tokenise as training did (tokenization.py)
+                        check_reload(run.tokenizer, saved, _sample_texts(run.train_data, run.tokenizer))
+                        reload_checked = True
+                    window_start = time.perf_counter()  # evaluation and saving are not training throughput
+                if signum := stop.requested(run.accelerator):
+                    _interrupt(run, signum, saved_now=due_eval or global_step % save_every == 0 or last)
     bar.close()
     run.accelerator.end_training()
     return _finish(run)
+
+
+def _interrupt(run: Run, signum: int, saved_now: bool) -> None:
+    """Save where the run is (unless this step just did) and stop, saying how to resume."""
+    import signal
+
+    step = run.progress.global_step
+    if not saved_now:
+        ckpt.save_checkpoint(run.accelerator, run.model, run.optimizer, run.scheduler, run.tokenizer, run.run_dir,
+                             step, dataclasses.asdict(run.progress), False)
+    run.accelerator.end_training()
+    if run.accelerator.is_main_process:
+        run.lock.close()
+    raise Interrupted(f"stopped by {signal.Signals(signum).name} at step {step} of {run.progress.total_steps}, "
+                      f"checkpoint saved; resume with: refdpo train --config {run.run_dir.resolve()}/config.yaml "
+                      "--resume", signum)
 
 
 def _sample_texts(data: PairData, tokenizer, n: int = 16) -> list[str]:
@@ -345,11 +335,15 @@ def _sample_texts(data: PairData, tokenizer, n: int = 16) -> list[str]:
 def _finish(run: Run) -> dict:
     progress, run_dir = run.progress, run.run_dir
     best, last = ckpt.resolve(run_dir, "best"), ckpt.resolve(run_dir, "last")
-    summary = {"run_dir": str(run_dir), "engine": run.engine, "steps": progress.global_step,
+    if best is None and progress.best_step == 0:  # training only made validation worse: the best policy is
+        best = local_or_hub(run.cfg.model)    # the initial one (`refdpo evaluate --model RUN` loads it)
+    summary = {"run_dir": str(run_dir.resolve()), "engine": run.engine, "steps": progress.global_step,
                "best_step": progress.best_step, "best_val_loss": progress.best_val_loss,
                "last_val": progress.last_val, "best_val": progress.best_val,
                "best": str(best) if best else None, "last": str(last) if last else None,
                "data": {"train": run.train_data.stats, "val": run.val_data.stats if run.val_data else None}}
+    if run.mismatches:  # trained through with --strict false: the record says so
+        summary["reference_mismatches"] = run.mismatches
     if run.accelerator.is_main_process:
         atomic_write_json(run_dir / "summary.json", summary)
         if run.cfg.push_to_hub:  # after the summary: a failed upload loses nothing of the run

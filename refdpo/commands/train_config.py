@@ -18,6 +18,8 @@ from refdpo.config import (
     option,
     parse_args,
 )
+from refdpo.errors import ConfigError
+from refdpo.io import local_or_hub
 
 # transformers' schedules (get_scheduler) that need nothing but the warmup and total steps; the others want a
 # metric each step or arguments of their own.
@@ -64,8 +66,9 @@ class TrainConfig(LayoutSpec, ObjectiveSpec, DataSpec, ModelSpec):
     val_split: str = option("val", "validation split name or path; empty to train without evaluation")
     max_train_pairs: int = option(0, "use only the first N training pairs (0: all)")
     max_val_pairs: int = option(0, "use only the first N validation pairs (0: all)")
-    strict: bool = option(False, "refuse to train when the data's provenance disagrees with this config (template, "
-                             "max_len, rows); without it such mismatches are warnings")
+    strict: bool = option(True, "refuse reference log-probs scored otherwise than this run uses them (weights, "
+                                "tokenizer, template, max_len cutting scored replies, rows or conversations); "
+                                "--strict false trains anyway and records the mismatch in summary.json")
     # optimisation
     epochs: int = option(3, "passes over the training split (RefDPO: --epoch)")
     max_steps: int = option(0, "stop after this many optimizer steps (0: the epochs decide)")
@@ -108,12 +111,11 @@ class TrainConfig(LayoutSpec, ObjectiveSpec, DataSpec, ModelSpec):
         check_all(self.spec_checks() + self.objective_checks() + self.layout_checks() + [
             (self.dtype in WEIGHT_DTYPES, f"--dtype must be {' | '.join(WEIGHT_DTYPES)}"),
             (self.mixed_precision in (None, "no", "bf16", "fp16"), "--mixed_precision must be no, bf16 or fp16"),
-            (min(self.epochs, self.batch_size, self.accumulate_step, self.report_freq,
-                 self.eval_interval) >= 1,
-             "--epochs, --batch_size, --accumulate_step, --report_freq and --eval_interval must be >= 1"),
-            (min(self.max_steps, self.warmup_steps, self.save_interval, self.eval_batch_size, self.max_train_pairs,
-                 self.max_val_pairs) >= 0,
-             "--max_steps, --warmup_steps, --save_interval, --eval_batch_size and --max_*_pairs must be >= 0"),
+            *[(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
+              for name in ("epochs", "batch_size", "accumulate_step", "report_freq", "eval_interval")],
+            *[(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
+              for name in ("max_steps", "warmup_steps", "save_interval", "eval_batch_size", "max_train_pairs",
+                           "max_val_pairs")],
             (self.max_lr > 0 and math.isfinite(self.max_lr), "--max_lr must be a positive number"),
             (0 <= self.warmup_ratio <= 1, "--warmup_ratio must be in [0, 1]"),
             (self.lr_scheduler_type in SCHEDULERS, f"--lr_scheduler_type must be one of {', '.join(SCHEDULERS)}"),
@@ -124,6 +126,37 @@ class TrainConfig(LayoutSpec, ObjectiveSpec, DataSpec, ModelSpec):
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# What a resumed run may change: how it is watched, evaluated, saved, and laid out in memory (layouts and
+# kernels are checked equal at start-up), not what it optimises. Every other setting must be the run's own.
+RESUME_MAY_CHANGE = frozenset({
+    "attn_implementation", "trust_remote_code", "cache_dir", "packing", "pack_capacity", "gradient_checkpointing",
+    "liger", "compile", "val_split", "max_val_pairs", "eval_batch_size", "strict", "eval_interval",
+    "eval_at_start", "save_interval", "report_freq", "output_dir", "resume", "report_to", "wandb_project",
+    "progress", "push_to_hub", "hub_model_id", "hub_private_repo", "dry_run"})
+
+
+def resume_changes(cfg: TrainConfig, recorded: dict, run_dir) -> dict:
+    """{field: (recorded, now)} of the settings this resume changes, all of them ones a run may change
+    (RESUME_MAY_CHANGE); one that changes what the run optimises is refused, naming every such difference.
+    `recorded`: the run's config.yaml (a field it lacks, from an older refdpo, had its default)."""
+    refused, allowed = {}, {}
+    for f in dataclasses.fields(cfg):
+        if f.name == "resume":  # what makes this a resume
+            continue
+        was, now = recorded.get(f.name, f.default), getattr(cfg, f.name)
+        if _place(was) != _place(now):  # runs/x and its absolute form are one model
+            (allowed if f.name in RESUME_MAY_CHANGE else refused)[f.name] = (was, now)
+    if refused:
+        listed = ", ".join(f"--{name} {was} -> {now}" for name, (was, now) in refused.items())
+        raise ConfigError(f"cannot resume {run_dir}: {listed} (a resumed run keeps every setting that changes what "
+                          "it optimises, as its config.yaml records them; start a new run in another --output_dir)")
+    return allowed
+
+
+def _place(value):
+    return local_or_hub(value) if isinstance(value, str) else value
 
 
 def parse_train_args(argv: list[str] | None = None) -> TrainConfig:

@@ -104,6 +104,8 @@ class MetricsLog:
             record, self.header = {**record, **self.header}, None
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        # The trackers get the names dashboards expect: eval/loss for val_loss, train/loss for loss.
+        scalars = {f"eval/{k[4:]}" if k.startswith("val_") else f"train/{k}": v for k, v in record.items()
+                   if isinstance(v, (int, float)) and k != "step"}
         if self.accelerator.trackers:
             self.accelerator.log(scalars, step=record["step"])

@@ -240,6 +240,11 @@ def references_table(prepared: dict) -> str:
     return "\n".join(lines)
 
 
+# Families at one beta sit side by side, not on top of each other: each is shifted by a few percent of a decade.
+_DODGE = 10 ** np.linspace(-0.04, 0.04, len(FAMILIES))
+_NON_NEGATIVE = ("length",)  # metrics whose interval is cut at 0 (a length is never negative)
+
+
 def plot(res: Results, folder: Path) -> list[str]:
     """reward_vs_beta.png, reward_vs_kl.png, length_vs_beta.png, eos_vs_beta.png."""
     import matplotlib
@@ -247,47 +252,59 @@ def plot(res: Results, folder: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def errorbars(ax, family_stats: dict, floor: float | None = None) -> None:
+        for dodge, (family, stats) in zip(_DODGE, family_stats.items()):
+            means = np.array([m for m, _ in stats])
+            half = np.array([0 if math.isnan(h) else h for _, h in stats])
+            lower = half if floor is None else np.minimum(half, means - floor)
+            ax.errorbar(np.array(res.betas(family)) * dodge, means, yerr=[lower, half], marker="o", capsize=3,
+                        label=FAMILIES[family][0])
+
     def by_beta(ax, metric: str, ylabel: str) -> None:
-        for family, (label, _) in FAMILIES.items():
-            betas = res.betas(family)
-            stats = [interval(list(res.value[(family, b)][metric].values())) for b in betas]
-            ax.errorbar(betas, [m for m, _ in stats], yerr=[0 if math.isnan(h) else h for _, h in stats],
-                        marker="o", capsize=3, label=label)
+        errorbars(ax, {family: [interval(list(res.value[(family, b)][metric].values())) for b in res.betas(family)]
+                       for family in FAMILIES}, 0.0 if metric in _NON_NEGATIVE else None)
         sft_mean, sft_half = interval(list(res.value[("sft", None)][metric].values()))
         ax.axhline(sft_mean, color="black", linestyle="--", label="SFT model")
         if not math.isnan(sft_half):
-            ax.axhspan(sft_mean - sft_half, sft_mean + sft_half, color="black", alpha=0.08)
+            ax.axhspan(sft_mean - sft_half, sft_mean + sft_half, color="black", alpha=0.08,
+                       label="SFT model, 95% CI")
         ax.set_xscale("log")
-        ax.set_xlabel("beta (KL strength)")
+        ax.set_xlabel("beta (KL strength; families shifted apart at each beta)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
 
-    def save(fig, name: str) -> str:
+    def save(fig, ax, name: str, title: str, entries=None) -> str:
+        """`entries`: the axes whose legend entries to show (default `ax`'s), beside `ax`, off the data."""
+        handles, labels = (entries or ax).get_legend_handles_labels()
+        ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        fig.suptitle(title, fontsize=11)
         fig.tight_layout()
         fig.savefig(folder / f"{name}.png", dpi=120)
         plt.close(fig)
         return f"{name}.png"
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 4.8))
     by_beta(left, "reward", "true reward r* (T=1 samples, 95% CI over seeds)")
-    for family, (label, _) in FAMILIES.items():  # the same, paired with the seed's SFT model: a tighter interval
-        betas = res.betas(family)
-        stats = [res.paired((family, b), ("sft", None)) for b in betas]
-        right.errorbar(betas, [m for m, _ in stats], yerr=[0 if math.isnan(h) else h for _, h in stats],
-                       marker="o", capsize=3, label=label)
+    left.set_title("true reward", fontsize=10)
+    # The same, paired with the seed's SFT model: a tighter interval.
+    errorbars(right, {family: [res.paired((family, b), ("sft", None)) for b in res.betas(family)]
+                      for family in FAMILIES})
     right.axhline(0, color="black", linestyle="--", label="SFT model")
-    right.set(xscale="log", xlabel="beta (KL strength)", ylabel="true reward minus the SFT model's (paired by seed)")
+    right.set(xscale="log", xlabel="beta (KL strength; families shifted apart at each beta)",
+              ylabel="true reward minus the SFT model's (paired by seed)")
+    right.set_title("gain over the SFT model, paired by seed", fontsize=10)
     right.grid(alpha=0.3)
-    left.legend(fontsize=8)
-    written = [save(fig, "reward_vs_beta")]
-    for name, metric, ylabel in (("length_vs_beta", "length", "mean reply length, words (T=1)"),
-                                 ("eos_vs_beta", "eos_chosen", "log p(EOS) after held-out chosen replies")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+    written = [save(fig, right, "reward_vs_beta", "True reward against beta, by reference (mean and 95% CI over "
+                                                  "seeds)", entries=left)]
+    for name, metric, ylabel, title in (
+            ("length_vs_beta", "length", "mean reply length, words (T=1)", "Reply length against beta"),
+            ("eos_vs_beta", "eos_chosen", "log p(EOS) after held-out chosen replies",
+             "Probability of ending after a chosen reply, against beta")):
+        fig, ax = plt.subplots(figsize=(8.5, 4.5))
         by_beta(ax, metric, ylabel)
-        ax.legend(fontsize=8)
-        written.append(save(fig, name))
+        written.append(save(fig, ax, name, title))
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     for family, (label, _) in FAMILIES.items():
         betas = res.betas(family)
         kl = [res.mean((family, b), "kl") for b in betas]
@@ -299,8 +316,7 @@ def plot(res: Results, folder: Path) -> list[str]:
     ax.set_xlabel("KL(policy || SFT), sampled estimate, nats")
     ax.set_ylabel("true reward r*")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return written + [save(fig, "reward_vs_kl")]
+    return written + [save(fig, ax, "reward_vs_kl", "True reward against KL to the SFT model (labels: beta)")]
 
 
 def markdown_report(cfg, table_rows: list[dict], found: list[dict], prepared: dict) -> str:

@@ -22,6 +22,8 @@ from typing import ClassVar
 
 from refdpo.config import Config, check_all, option
 from refdpo.data.templates import DEFAULT_TEMPLATE, TEMPLATES
+from refdpo.errors import ConfigError
+from refdpo.io import require_writable
 
 TOPICS = ["cats", "rivers", "volcanoes", "bicycles", "gardens", "planets", "bridges", "forests", "oceans",
           "trains", "libraries", "mountains", "bees", "clocks", "kites", "deserts", "castles", "robots",
@@ -167,10 +169,20 @@ def build_tiny(out: str | Path, **settings) -> Path:
     from refdpo.tokenization import save_tokenizer
 
     cfg = TinyConfig(out=str(out), **settings).validate()
+    require_writable(out, "--out")
     train_pairs, val_pairs, seed, template, max_len = cfg.train_pairs, cfg.val_pairs, cfg.seed, cfg.template, \
         cfg.max_len
     out = Path(out)
+    wanted = {"train_pairs": train_pairs, "val_pairs": val_pairs, "seed": seed, "template": template,
+              "max_len": max_len, "model_size": cfg.model_size}
     if (out / "tiny.json").exists() and not cfg.overwrite:
+        built = json.loads((out / "tiny.json").read_text())
+        changed = [f"--{k} {built.get(k)} (now {v})" for k, v in wanted.items() if k != "model_size"
+                   and built.get(k) != v] + (["another model size"] if built.get("model_size") != cfg.model_size
+                                             else [])
+        if changed:
+            raise ConfigError(f"{out} holds a tiny setup built with {', '.join(changed)}: pass --overwrite to "
+                              "rebuild it, or another --out")
         return out
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -191,9 +203,6 @@ def build_tiny(out: str | Path, **settings) -> Path:
                           out=str(out / "data" / f"{name}.jsonl"), template=template, max_len=max_len,
                           progress=False).validate())
     shutil.rmtree(out / "raw")
-    (out / "tiny.json").write_text(json.dumps({"train_pairs": train_pairs, "val_pairs": val_pairs, "seed": seed,
-                                               "template": template, "max_len": max_len,
-                                               "parameters": sum(p.numel() for p in model.parameters()),
-                                               "model_size": cfg.model_size,
+    (out / "tiny.json").write_text(json.dumps({**wanted, "parameters": sum(p.numel() for p in model.parameters()),
                                                "reference": "model (the initial policy)"}, indent=2))
     return out

@@ -30,6 +30,8 @@ def test_readme_example_runs_as_written(tiny_setup, tmp_path):
                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.fullmatch(r"4 steps; val loss \d\.\d{4}, reward accuracy [\d.]+\n", result.stdout), result.stdout
+    for noise in ("Loading weights", "Removed shared tensor", "deprecated"):  # filtered as the CLI filters them
+        assert noise not in result.stderr, noise
     summary = json.loads((tmp_path / "runs" / "api" / "run" / "summary.json").read_text())
     assert summary["data"]["train"]["data_format"] == "standard" and summary["steps"] == 4
 

@@ -38,6 +38,9 @@ def test_train_dry_run_reports_without_loading_the_model(tiny_setup, tmp_path, t
     assert f"steps per epoch {-(-kept // 8)}, epochs 2, steps {steps}, warmup steps 5" in out
     config = yaml.safe_load(out.split("resolved config:\n")[1].split("\n\n")[0])
     assert config["max_len"] == 48 and config["dry_run"] is True
+    # scored at max_len 512: the run would refuse the columns, and the dry run says so
+    assert "reference log-probs: scored with max_len 512 but training uses 48" in out
+    assert "(the run refuses this; --strict false trains anyway)" in out
 
 
 def test_score_dry_run_plans_batches_and_writes_nothing(tiny_setup, tmp_path, capsys, no_model):

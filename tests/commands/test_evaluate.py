@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from helpers import run_cli, train_config
 
-from refdpo.commands.evaluate import EvalConfig, evaluate
+from refdpo.commands.evaluate import EvalConfig, evaluate, format_table
 from refdpo.commands.score import score_data
 from refdpo.commands.train import train
 from refdpo.data import build_pairs, load_split
@@ -74,3 +74,27 @@ def test_evaluate_cli_prints_one_table_and_refuses_a_missing_model(tiny_setup, t
     assert float(row.split("|")[3]) > 1.0  # reference-free at beta 2: long chosen replies make the loss large
     bad = run_cli(["evaluate", "--model", str(tmp_path / "nothing"), "--dataset", str(tiny_setup / "data")])
     assert bad.returncode == 2 and "refdpo evaluate: error:" in bad.stderr
+
+
+def test_a_run_is_evaluated_with_its_own_objective_and_every_row_says_which(tiny_setup, tmp_path):
+    run = tmp_path / "ipo"
+    summary = train(train_config(tiny_setup, run, loss="ipo", beta=0.5, max_train_pairs=32, eval_interval=2,
+                                 eval_at_start=False, batch_size=4))
+    rows = evaluate(EvalConfig(model=f"{run},{tiny_setup / 'model'}", dataset=str(tiny_setup / "data"),
+                               max_len=512).validate())  # --loss dpo --beta 0.1 (the defaults) for the others
+    assert rows[0]["loss"] == pytest.approx(summary["best_val_loss"], abs=1e-6)
+    assert (rows[0]["objective"], rows[0]["beta"]) == ("ipo", 0.5)
+    assert (rows[1]["objective"], rows[1]["beta"]) == ("dpo", 0.1)
+    assert rows[0]["ref_columns"] == rows[1]["ref_columns"] == "chosen_logprob,rejected_logprob"
+    assert rows[1]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert "| objective | beta | ref_columns |" in format_table(rows)
+
+
+def test_a_run_best_at_step_0_names_the_initial_model_and_evaluate_loads_it(tiny_setup, tmp_path):
+    run = tmp_path / "worse"  # a learning rate that only makes validation worse
+    summary = train(train_config(tiny_setup, run, max_train_pairs=8, max_val_pairs=16, max_lr=5.0))
+    assert summary["best_step"] == 0 and summary["best"] == str((tiny_setup / "model").resolve())
+    (row,) = evaluate(EvalConfig(model=str(run), dataset=str(tiny_setup / "data"), max_len=512,
+                                 max_pairs=16).validate())
+    assert row["checkpoint"] == summary["best"]
+    assert row["loss"] == pytest.approx(summary["best_val_loss"], abs=1e-6)

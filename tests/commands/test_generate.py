@@ -80,3 +80,14 @@ def test_bad_prompts_name_the_row_and_alpaca_eval_offline_is_one_line(tmp_path, 
     assert offline.returncode == 2
     errors = [line for line in offline.stderr.splitlines() if line.startswith("refdpo generate: error:")]
     assert len(errors) == 1 and "--prompts" in errors[0]
+
+
+def test_a_model_goes_by_its_runs_name(tmp_path):
+    """generate's generator name and tables: a run's checkpoints do not all read "best"."""
+    from refdpo.checkpoint import CHECKPOINTS, model_name
+
+    run = tmp_path / "dpo-beta0.1"
+    (run / CHECKPOINTS / "step-0000008").mkdir(parents=True)
+    assert [model_name(str(p)) for p in (run, run / "best", run / "last", run / CHECKPOINTS / "step-0000008")] == [
+        "dpo-beta0.1", "dpo-beta0.1", "dpo-beta0.1-last", "dpo-beta0.1-step-0000008"]
+    assert model_name("mistralai/Mistral-7B-v0.1") == "Mistral-7B-v0.1" and model_name(str(tmp_path) + "/") == tmp_path.name

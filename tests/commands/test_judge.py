@@ -29,6 +29,7 @@ def test_judge_without_a_key_is_refused_before_anything_is_sent(monkeypatch, tmp
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "alpaca_eval" else None)
     for name in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "OPENAI_CLIENT_CONFIG_PATH"):
         monkeypatch.delenv(name, raising=False)
+    (tmp_path / "o.json").write_text('[{"instruction": "Hi", "output": "Hello", "generator": "g"}]')
     with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
         judge(JudgeConfig(outputs=str(tmp_path / "o.json")).validate())
 

@@ -204,6 +204,7 @@ def test_kill_and_resume_gives_byte_identical_output(tiny_setup, tmp_path):
     assert _scrub(tmp_path / "killed.jsonl.provenance.json") == _scrub(tmp_path / "full.jsonl.provenance.json")
 
 
+@pytest.mark.xdist_group("launches")
 @pytest.mark.parametrize("flags", [["--multi_gpu"], ["--use_fsdp", "--fsdp_version", "2"],
                                    ["--use_deepspeed", "--zero_stage", "3"]], ids=["ddp", "fsdp2", "zero3"])
 def test_two_processes_score_each_row_once_and_equal_one_process(tiny_setup, tmp_path, flags):

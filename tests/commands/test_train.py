@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import REPO, kill_at_checkpoint, max_diff, read_metrics, run_cli, train_config, weights
@@ -81,6 +82,11 @@ def test_resume_after_sigkill_logs_the_same_losses(tiny_setup, tmp_path):
             "--max_val_pairs", "16"]
     full = run_cli(args + ["--output_dir", str(tmp_path / "full")])
     assert full.returncode == 0, full.stderr[-3000:]
+    # stderr is a file here: lines, not bar refreshes; each evaluation one line; a table of them at the end
+    assert "\r" not in full.stderr and "step 128/128 (epoch 2.00): loss " in full.stderr
+    assert full.stderr.count("eval at step ") == len(read_metrics(tmp_path / "full")[1]) == 6  # 0, 40, 64, ...
+    assert "Loading weights" not in full.stderr
+    assert "| step | epoch | val_loss |" in full.stdout and "deprecated" not in full.stderr
 
     run = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -104,6 +110,25 @@ def test_resume_after_sigkill_logs_the_same_losses(tiny_setup, tmp_path):
     assert max_diff(weights(run), weights(tmp_path / "full")) < 1e-6
 
 
+def test_resume_keeps_what_the_run_optimises_and_records_what_it_may_change(tiny_setup, tmp_path):
+    import yaml
+
+    run, base = tmp_path / "run", dict(max_train_pairs=16, batch_size=4, val_split="", save_interval=2)
+    train(train_config(tiny_setup, run, **base))
+    config = (run / "config.yaml").read_bytes()
+    assert yaml.safe_load(config)["output_dir"] == str(run.resolve())  # where the run is, not ''
+    with pytest.raises(ConfigError) as refused:
+        train(train_config(tiny_setup, run, resume=True, **base, beta=0.5, loss="ipo", max_lr=5e-3, epochs=2))
+    for difference in ("--beta 0.1 -> 0.5", "--loss dpo -> ipo", "--max_lr 0.001 -> 0.005", "--epochs 1 -> 2"):
+        assert difference in str(refused.value)
+    assert "\n" not in str(refused.value) and not (run / "resumes.json").exists()
+
+    train(train_config(tiny_setup, run, resume=True, **base, eval_interval=7))  # how it is watched may change
+    assert (run / "config.yaml").read_bytes() == config
+    (resume,) = json.loads((run / "resumes.json").read_text())
+    assert resume["from"] == "step-0000004" and resume["changed"] == {"eval_interval": {"was": 1000, "now": 7}}
+
+
 def test_checkpoints_best_and_last(tiny_setup, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -125,7 +150,11 @@ def test_checkpoints_best_and_last(tiny_setup, tmp_path):
     assert all("loss" in r and "lr" in r and "tokens_per_s" in r for r in train_steps)
     assert min(e["val_loss"] for e in evals) == pytest.approx(summary["best_val_loss"])
     assert (run / "config.yaml").exists() and (run / "summary.json").exists()
-    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = {tag for events in {p.parent for p in (run / "tensorboard").rglob("events.out.tfevents.*")}
+            for tag in EventAccumulator(str(events)).Reload().Tags()["scalars"]}
+    assert {"train/loss", "train/lr", "eval/loss", "eval/reward_accuracy"} <= set(tags), tags
 
 
 def test_refuses_to_overwrite_a_run(tiny_setup, tmp_path):
@@ -166,14 +195,18 @@ def test_reference_columns_by_name_and_trl_aliases(tiny_setup, tmp_path):
     assert read_metrics(tmp_path / "other")[1][0]["val_loss"] == pytest.approx(expected, abs=1e-5)
 
 
-def test_lora_trains_adapters_only(tiny_setup, tmp_path):
+def test_lora_trains_adapters_only(tiny_setup, tmp_path, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     run = tmp_path / "run"
-    train(train_config(tiny_setup, run, max_train_pairs=32, max_val_pairs=16, eval_interval=2, lora=True,
-                       lora_r=4, lora_alpha=8, lora_dropout=0.0, max_lr=1e-2))
-    assert (run / "best" / "adapter_config.json").exists()
+    monkeypatch.chdir(tiny_setup.parent)  # the base model named relative to here, as users do
+    summary = train(train_config(tiny_setup, run, max_train_pairs=32, max_val_pairs=16, eval_interval=2,
+                                 lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, max_lr=1e-2,
+                                 model=f"{tiny_setup.name}/model"))
+    adapter = json.loads((run / "best" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str((tiny_setup / "model").resolve())  # loadable from anywhere
+    assert all(Path(summary[k]).is_absolute() for k in ("run_dir", "best", "last"))
     base = AutoModelForCausalLM.from_pretrained(tiny_setup / "model")
     tuned = PeftModel.from_pretrained(base, run / "best")
     lora_weights = [p for n, p in tuned.named_parameters() if "lora_B" in n]

@@ -92,7 +92,7 @@ def _train(setup: Path, data: Path, run: Path, *extra: str, capsys) -> dict:
                          str(run), "--report_to", "none", "--no-gradient_checkpointing", "--max_len", "128",
                          "--epochs", "1", "--batch_size", "3", "--seed", "0", "--eval_at_start", "false",
                          *extra], capsys, code=0)
-    assert out.startswith("done: 2 steps"), (out, err)
+    assert out.splitlines()[-1].startswith("done: 2 steps"), (out, err)
     return json.loads((run / "summary.json").read_text())
 
 
