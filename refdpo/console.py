@@ -7,6 +7,11 @@ from __future__ import annotations
 import logging
 import sys
 
+from tqdm.auto import tqdm
+
+log = logging.getLogger("refdpo.progress")
+LOG_EVERY_S = 30.0  # without a terminal, a bar becomes a log line at most this often
+
 
 class _DropTiedWeightNotice(logging.Filter):
     """accelerate warns at every checkpoint of a model with tied embeddings that it stored them once."""
@@ -31,6 +36,25 @@ def quiet_third_parties() -> None:
 def interactive() -> bool:
     """A terminal to draw a progress bar on (else progress is logged as lines)."""
     return sys.stderr.isatty()
+
+
+class _AsLogLines:
+    """A file for tqdm that turns its refreshes into log lines (a redirected bar would write every one)."""
+
+    def write(self, text: str) -> None:
+        if line := text.strip("\r\n "):
+            log.info(line)
+
+    def flush(self) -> None:
+        pass
+
+
+def progress_bar(iterable=None, **kwargs) -> tqdm:
+    """tqdm on a terminal; elsewhere a log line at most every LOG_EVERY_S seconds, and one at the end."""
+    if not interactive():
+        kwargs.update(file=_AsLogLines(), mininterval=max(kwargs.get("mininterval", 0.1), LOG_EVERY_S),
+                      ascii=True, dynamic_ncols=False, ncols=100)
+    return tqdm(iterable, **kwargs)
 
 
 def step_line(step: int, total: int, record: dict) -> str:

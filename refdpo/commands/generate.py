@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from refdpo.checkpoint import model_name, model_path
 from refdpo.config import InferenceSpec, ModelSpec, check_all, option
+from refdpo.console import progress_bar
 from refdpo.data.templates import DEFAULT_TEMPLATE, TEMPLATES, adds_special_tokens, check_template, render
 from refdpo.errors import DataError
 from refdpo.io import atomic_write_json, require_writable
@@ -142,7 +142,7 @@ def generate_outputs(model, tokenizer, prompts: list[dict], cfg: GenerateConfig)
     sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else {
         "do_sample": False}
     torch.manual_seed(cfg.seed)
-    for lo in tqdm(range(0, len(order), cfg.batch_size), desc="generate", dynamic_ncols=True):
+    for lo in progress_bar(range(0, len(order), cfg.batch_size), desc="generate", dynamic_ncols=True):
         batch = order[lo:lo + cfg.batch_size]
         width = max(len(ids[i]) for i in batch)
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)

@@ -33,12 +33,11 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from refdpo import provenance as prov
 from refdpo.commands import score_job
 from refdpo.config import DataSpec, InferenceSpec, ModelSpec, check_all, option
-from refdpo.console import quiet_third_parties
+from refdpo.console import progress_bar, quiet_third_parties
 from refdpo.core.logprobs import sequence_logprobs
 from refdpo.core.verify import agrees, head_matches_model, low_precision
 from refdpo.data import (
@@ -205,7 +204,7 @@ def score_data(model: torch.nn.Module, data: PairData, pad_id: int, *, batch_tok
     fused, share = decide_layout(model, data, pad_id, share_prompt)
     batch_tokens = batch_tokens or default_batch_tokens(input_device(model))
     chosen, rejected = np.empty(len(data)), np.empty(len(data))
-    for indices, shared in tqdm(plan_batches(data, batch_tokens, max_batch_pairs, share), desc="score",
+    for indices, shared in progress_bar(plan_batches(data, batch_tokens, max_batch_pairs, share), desc="score",
                                 disable=not progress):
         chosen[indices], rejected[indices] = score_batch(model, data, indices, shared, pad_id, fused)
     return chosen, rejected

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from refdpo.console import progress_bar
 from refdpo.data import PairData
 from refdpo.errors import ConfigError, RefdpoError
 from refdpo.io import atomic_write_bytes, atomic_write_json
@@ -127,7 +127,7 @@ def score_blocks(scorer, plan: list, blocks: list[int], save_every: int, parts: 
                  show: bool, rank: int = 0) -> tuple[int, float]:
     """Score this process's unfinished blocks, each saved as soon as it is done; (tokens, seconds)."""
     todo = [plan[k] for b in blocks for k in range(b * save_every, min((b + 1) * save_every, len(plan)))]
-    bar = tqdm(total=sum(len(idx) for idx, _ in todo), desc="score", unit="pair", dynamic_ncols=True,
+    bar = progress_bar(total=sum(len(idx) for idx, _ in todo), desc="score", unit="pair", dynamic_ncols=True,
                disable=not show)
     tokens, started = 0, time.perf_counter()
     for b in blocks:

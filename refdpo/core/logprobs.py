@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from tqdm.auto import tqdm
 
+from refdpo.console import progress_bar
 from refdpo.core.lm_head import (
     CHUNK_ELEMENTS,
     chunked_target_logprobs,
@@ -143,7 +143,7 @@ def token_logprobs(model: torch.nn.Module, data: PairData, pad_id: int, batch_si
                    desc: str = "log-probs") -> TokenLogprobs:
     device = input_device(model)
     parts: dict[str, list] = {k: [] for k in ("targets", "logprobs", "side", "pair", "is_end")}
-    for lo in tqdm(range(0, len(data), batch_size), desc=desc, dynamic_ncols=True, leave=False):
+    for lo in progress_bar(range(0, len(data), batch_size), desc=desc, dynamic_ncols=True, leave=False):
         idx = np.arange(lo, min(lo + batch_size, len(data)))
         b = to_device(collate_pairs(data, idx, np.ones(len(idx)), pad_id), device)
         lp = response_token_logprobs(model, b["input_ids"], b["attention_mask"], b["position_ids"],

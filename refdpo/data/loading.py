@@ -19,8 +19,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
+from refdpo.console import progress_bar
 from refdpo.errors import DataError, first_line
 from refdpo.provenance import FILE_SUFFIXES, hub_sidecar, sidecar_path
 
@@ -134,7 +133,7 @@ def load_jsonl(path: Path) -> RawSplit:
         return RawSplit(records, source, provenance=sidecar_path(path))
     records, lines = [], []
     lines_of_text = text.splitlines()
-    bar = tqdm(total=len(lines_of_text), desc=f"read {path.name}", unit=" lines", unit_scale=True,
+    bar = progress_bar(total=len(lines_of_text), desc=f"read {path.name}", unit=" lines", unit_scale=True,
                delay=PROGRESS_DELAY, leave=False)
     for lineno, line in enumerate(lines_of_text, start=1):
         if lineno % 8192 == 0:

@@ -11,8 +11,8 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from refdpo.console import progress_bar
 from refdpo.data import cache as disk_cache
 from refdpo.data.loading import PROGRESS_DELAY, RawSplit, SplitLocation, locate_split
 from refdpo.data.schema import record_format, resolve_ref_columns, split_format, validate_records
@@ -102,7 +102,7 @@ def build_pairs(raw: RawSplit, tokenizer, template: str, max_len: int,
         conversations = [(r["chosen"], r["rejected"]) for r in raw.records]
 
     encoded, merges = [], 0
-    bar = tqdm(total=len(conversations), desc=f"tokenize {raw.source}", unit=" pairs", delay=PROGRESS_DELAY,
+    bar = progress_bar(total=len(conversations), desc=f"tokenize {raw.source}", unit=" pairs", delay=PROGRESS_DELAY,
                leave=False)
     for lo in range(0, len(conversations), _CHUNK_PAIRS):
         chunk = list(enumerate(conversations[lo:lo + _CHUNK_PAIRS], start=lo))

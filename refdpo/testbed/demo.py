@@ -343,8 +343,7 @@ def _claim(cfg: DemoConfig) -> None:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Prepare every seed, train and measure every grid point, then write the report; returns it."""
-    from tqdm.auto import tqdm
-
+    from refdpo.console import progress_bar
     from refdpo.testbed.report import write_report
 
     _claim(cfg)
@@ -353,7 +352,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     workers = min(cfg.workers or min(os.cpu_count() or 1, 8), len(seeds) * len(grid))
     start = time.perf_counter()
     prepared, results = {}, []
-    bar = tqdm(total=len(seeds) * (PREPARE_WEIGHT + len(grid)), desc="demo", unit="step", dynamic_ncols=True,
+    bar = progress_bar(total=len(seeds) * (PREPARE_WEIGHT + len(grid)), desc="demo", unit="step", dynamic_ncols=True,
                disable=not cfg.progress)
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
         pending = {pool.submit(prepare, cfg, s): ("prepare", s) for s in seeds}

@@ -73,6 +73,7 @@ def test_self_reference_scored_then_trained_gives_ln2_and_zero_rewards(tiny_setu
                         "--batch_tokens", "1024"])
         assert done.returncode == 0, done.stderr[-3000:]
         assert "each row once" in done.stdout
+        assert "\r" not in done.stderr and "score: 100%" in done.stderr  # no tty: the bar as log lines
     summary = train(train_config(tiny_setup, tmp_path / "run", dataset=str(data), epochs=1))
     evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     first_eval = next(e for e in evals if "val_loss" in e)
