@@ -34,8 +34,8 @@ def quiet_third_parties() -> None:
 
 
 def interactive() -> bool:
-    """A terminal to draw a progress bar on (else progress is logged as lines)."""
-    return sys.stderr.isatty()
+    """A terminal or a notebook to draw a progress bar in (else progress is logged as lines)."""
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
 
 
 class _AsLogLines:

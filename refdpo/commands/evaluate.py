@@ -73,10 +73,10 @@ RUN_SETTINGS = ("loss", "beta", "ref_free", "label_smoothing", "simpo_gamma", "d
 
 
 def run_settings(name: str) -> dict:
-    """RUN_SETTINGS as the run `name` is (a run folder) or belongs to (one of its checkpoints) trained with;
-    {} for a model that is not part of a run."""
+    """RUN_SETTINGS as the run `name` is (a run folder) or belongs to (its best/last, one of its checkpoints,
+    a merged model inside it) trained with; {} for a model that is not part of a run."""
     path = Path(name)
-    for folder in (path, path.parent.parent):
+    for folder in (path, path.parent, path.parent.parent):
         if (folder / "config.yaml").is_file() and (folder / CHECKPOINTS).is_dir():
             recorded = load_yaml(folder / "config.yaml")
             return {k: recorded[k] for k in RUN_SETTINGS if k in recorded}

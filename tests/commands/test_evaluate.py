@@ -80,9 +80,10 @@ def test_a_run_is_evaluated_with_its_own_objective_and_every_row_says_which(tiny
     run = tmp_path / "ipo"
     summary = train(train_config(tiny_setup, run, loss="ipo", beta=0.5, max_train_pairs=32, eval_interval=2,
                                  eval_at_start=False, batch_size=4))
-    rows = evaluate(EvalConfig(model=f"{run},{tiny_setup / 'model'}", dataset=str(tiny_setup / "data"),
-                               max_len=512).validate())  # --loss dpo --beta 0.1 (the defaults) for the others
+    rows = evaluate(EvalConfig(model=f"{run},{tiny_setup / 'model'},{run / 'best'}", max_len=512,
+                               dataset=str(tiny_setup / "data")).validate())  # dpo, 0.1 (defaults) for the others
     assert rows[0]["loss"] == pytest.approx(summary["best_val_loss"], abs=1e-6)
+    assert rows[2]["loss"] == rows[0]["loss"] and rows[2]["objective"] == "ipo"  # its best, by its link
     assert (rows[0]["objective"], rows[0]["beta"]) == ("ipo", 0.5)
     assert (rows[1]["objective"], rows[1]["beta"]) == ("dpo", 0.1)
     assert rows[0]["ref_columns"] == rows[1]["ref_columns"] == "chosen_logprob,rejected_logprob"
