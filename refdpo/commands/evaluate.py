@@ -75,7 +75,9 @@ RUN_SETTINGS = ("loss", "beta", "ref_free", "label_smoothing", "simpo_gamma", "d
 def run_settings(name: str) -> dict:
     """RUN_SETTINGS as the run `name` is (a run folder) or belongs to (its best/last, one of its checkpoints,
     a merged model inside it) trained with; {} for a model that is not part of a run."""
-    path = Path(name)
+    path = Path(name).absolute()
+    if not path.exists():  # a hub id
+        return {}
     for folder in (path, path.parent, path.parent.parent):
         if (folder / "config.yaml").is_file() and (folder / CHECKPOINTS).is_dir():
             recorded = load_yaml(folder / "config.yaml")
