@@ -72,9 +72,9 @@ def local_or_hub(name: str) -> str:
 
 
 def looks_local(name: str) -> bool:
-    """A name meant as a local path rather than a hub id ("org/model"): absolute, relative with ./ ../ ~, or
-    more than one '/'."""
-    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+    """A name meant as a local path rather than a hub id ("org/model"): absolute, starting with '.' or '~', or
+    with more than one '/'."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
 
 
 def require_local(name: str, what: str) -> None:

@@ -1,5 +1,6 @@
 """Stopping a run cleanly: Ctrl-C or SIGTERM (a cluster's time limit) asks the training loop to stop after the
-step it is in, save a checkpoint and print the command that resumes it; a second signal stops at once."""
+step it is in (in a multi-process launch, at the next report or save), save a checkpoint and print the command
+that resumes it; a second signal stops at once."""
 
 from __future__ import annotations
 
@@ -36,11 +37,14 @@ class StopOnSignal:
         log.warning("%s: stopping after this step, with a checkpoint (send it again to stop at once)",
                     signal.Signals(signum).name)
 
-    def requested(self, accelerator) -> int:
-        """The signal that asked to stop (0: none), agreed by every process: a rank the signal has not reached
-        yet stops with the others, so that no collective is left waiting."""
+    def requested(self, accelerator, agree: bool = True) -> int:
+        """The signal that asked to stop (0: none). With several processes it must be agreed by all (a rank the
+        signal has not reached yet stops with the others, so that no collective is left waiting): that happens
+        only when `agree` (the caller's points of synchronisation); elsewhere the answer is 0."""
         flag = self.signum or 0
         if accelerator.num_processes > 1:
+            if not agree:
+                return 0
             agreed = torch.tensor([flag], device=accelerator.device)
             torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
             flag = int(agreed.item())

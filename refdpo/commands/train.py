@@ -287,15 +287,17 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module | None = None, tokenizer=N
                 progress.epoch, progress.step_in_epoch = epoch + end_of_epoch, 0 if end_of_epoch else step + 1
                 global_step, epoch_progress = progress.global_step, epoch + (step + 1) / sampler.steps_per_epoch
                 bar.update(1)
-                if global_step % cfg.report_freq == 0 or global_step == progress.total_steps:
+                last = global_step == progress.total_steps
+                reported = global_step % cfg.report_freq == 0 or last
+                if reported:
                     record = _report(run, stats, lr, grad_norm, epoch_progress, time.perf_counter() - window_start)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
                     if bar.disable and cfg.progress:  # no terminal: a line per report instead of bar refreshes
                         log.info(step_line(global_step, progress.total_steps, record))
                     window_start = time.perf_counter()
-                last = global_step == progress.total_steps
                 due_eval = run.val_data is not None and (global_step % cfg.eval_interval == 0 or end_of_epoch or last)
-                if due_eval or global_step % save_every == 0 or last:
+                saving = due_eval or global_step % save_every == 0 or last
+                if saving:
                     is_best = _evaluate(run, epoch_progress) if due_eval else False
                     saved = ckpt.save_checkpoint(run.accelerator, run.model, run.optimizer, run.scheduler,
                                                  run.tokenizer, run.run_dir, global_step, dataclasses.asdict(progress),
@@ -304,8 +306,10 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module | None = None, tokenizer=N
                         check_reload(run.tokenizer, saved, _sample_texts(run.train_data, run.tokenizer))
                         reload_checked = True
                     window_start = time.perf_counter()  # evaluation and saving are not training throughput
-                if signum := stop.requested(run.accelerator):
-                    _interrupt(run, signum, saved_now=due_eval or global_step % save_every == 0 or last)
+                # Processes agree on a stop only where they synchronise anyway (a report, a save): an agreement
+                # every step would make every step wait for the GPU.
+                if signum := stop.requested(run.accelerator, agree=reported or saving):
+                    _interrupt(run, signum, saved_now=saving)
     bar.close()
     run.accelerator.end_training()
     return _finish(run)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from refdpo.console import progress_bar
 from refdpo.errors import DataError, first_line
+from refdpo.io import looks_local
 from refdpo.provenance import FILE_SUFFIXES, hub_sidecar, sidecar_path
 
 PROGRESS_DELAY = 1.0  # seconds before a bar appears: small splits load without one (and stderr stays clean)
@@ -231,7 +232,7 @@ def locate_split(dataset, split: str, config: str | None = None, revision: str |
             raise DataError(str(path), f"holds a single split, so split {split!r} must be given as a path "
                                        f"(e.g. --val_split val.jsonl{hint})")
         return _file_location(path, split)
-    if path.suffix in FILE_SUFFIXES or dataset.startswith((".", "/")):
+    if path.suffix in FILE_SUFFIXES or looks_local(dataset):
         raise DataError(dataset, "no such file or folder")
     source = f"{dataset}" + (f"[{config}]" if config else "") + f"/{split}"
     return SplitLocation("hub", source, hub=(dataset, config, split, revision))

@@ -177,9 +177,10 @@ def build_tiny(out: str | Path, **settings) -> Path:
               "max_len": max_len, "model_size": cfg.model_size}
     if (out / "tiny.json").exists() and not cfg.overwrite:
         built = json.loads((out / "tiny.json").read_text())
-        changed = [f"--{k} {built.get(k)} (now {v})" for k, v in wanted.items() if k != "model_size"
-                   and built.get(k) != v] + (["another model size"] if built.get("model_size") != cfg.model_size
-                                             else [])
+        changed = [f"--{k} {built.get(k)} (now {v})" for k, v in wanted.items()
+                   if k != "model_size" and built.get(k) != v]
+        if built.get("model_size") != cfg.model_size:
+            changed.append("another model size")
         if changed:
             raise ConfigError(f"{out} holds a tiny setup built with {', '.join(changed)}: pass --overwrite to "
                               "rebuild it, or another --out")
