@@ -9,6 +9,7 @@
   refdpo analyze tokens --models CKPT... --reference REF --dataset D   token-level log-prob shifts, EOS
   refdpo sweep --grid GRID.yaml [--dry-run]                  a grid of runs, evaluated into one table
   refdpo merge --adapter RUN/best --out DIR                  fold a LoRA run's adapter into its base model
+  refdpo advise --dataset D --references NAME=C,R ...      before training: use a reference? which beta?
   refdpo tiny --out DIR                                    a tiny offline model + synthetic dataset to try it on
   refdpo demo [--quick] [--out DIR]                        the paper's three questions on a controlled task, CPU
   refdpo --version
@@ -185,6 +186,23 @@ def _merge(argv: list[str]) -> int:
     return 0
 
 
+def _advise(argv: list[str]) -> int:
+    from refdpo.commands.advise import AdviseConfig, advise_split
+    from refdpo.config import parse_args
+
+    if "--references" in argv:  # --references a=x,y b=z,w: the items up to the next flag
+        at = argv.index("--references")
+        end = next((k for k in range(at + 1, len(argv)) if argv[k].startswith("-")), len(argv))
+        argv = argv[:at] + ["--references", " ".join(argv[at + 1:end])] + argv[end:]
+    cfg = parse_args(AdviseConfig, argv, "refdpo advise", "Before training: per candidate reference, use it, mix "
+                     "it with the self reference, or not; which beta and mixture weight; with intervals and reasons, "
+                     "from stored log-prob columns.")
+    report = advise_split(cfg)
+    print(report["text"])
+    print(f"wrote {cfg.out}/advise.md, advise.csv, advise.json, {', '.join(report['plots'])}")
+    return 0
+
+
 def _tiny(argv: list[str]) -> int:
     from refdpo.config import parse_args
     from refdpo.testbed.tiny import TinyConfig, build_tiny
@@ -213,7 +231,7 @@ def _demo(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": _train, "score": _score, "check": _check, "evaluate": _evaluate, "generate": _generate,
-            "judge": _judge, "analyze": _analyze, "sweep": _sweep, "merge": _merge, "tiny": _tiny,
+            "judge": _judge, "analyze": _analyze, "sweep": _sweep, "merge": _merge, "advise": _advise, "tiny": _tiny,
             "demo": _demo}
 
 

@@ -163,7 +163,11 @@ class ObjectiveSpec(Config):
     label_smoothing: float = option(0.0, "cDPO label-flip probability (loss cdpo)")
     simpo_gamma: float = option(0.5, "SimPO target margin gamma")
     dpo_weight: float = option(1.0, "constant factor on the loss (RefDPO's --dpo_weight)")
-    ref_columns: str = option(",".join(DEFAULT_REF_COLUMNS), "reference log-prob columns CHOSEN,REJECTED")
+    ref_columns: str = option(",".join(DEFAULT_REF_COLUMNS), "reference log-prob columns CHOSEN,REJECTED; with "
+                              "--ref_mix four: REF_CHOSEN,REF_REJECTED,SELF_CHOSEN,SELF_REJECTED")
+    ref_mix: float | None = option(None, "train against the geometric mixture of the two --ref_columns pairs: "
+                                         "log p = ref_mix * REF + (1 - ref_mix) * SELF, exact from the columns "
+                                         "(0: the second pair alone, 1: the first; `refdpo advise` recommends it)")
 
     @property
     def objective(self) -> Objective:
@@ -176,7 +180,16 @@ class ObjectiveSpec(Config):
             (self.beta > 0 and math.isfinite(self.beta), "--beta must be a positive number"),
             (0 <= self.label_smoothing < 0.5, "--label_smoothing must be in [0, 0.5)"),
             (self.loss != "cdpo" or self.label_smoothing > 0, "--loss cdpo needs --label_smoothing > 0"),
+            *self._mix_checks(),
         ]
+
+    def _mix_checks(self) -> list[tuple[bool, str]]:
+        pairs = len([c for c in self.ref_columns.split(",") if c.strip()]) // 2
+        if self.ref_mix is None:
+            return [(pairs <= 1, "four --ref_columns are two reference pairs: say how to mix them with --ref_mix")]
+        return [(self.objective.uses_reference, "--ref_mix needs a reference (not --ref_free or --loss simpo)"),
+                (0 <= self.ref_mix <= 1, "--ref_mix must be in [0, 1]"),
+                (pairs == 2, "--ref_mix needs four --ref_columns: REF_CHOSEN,REF_REJECTED,SELF_CHOSEN,SELF_REJECTED")]
 
 
 @dataclass

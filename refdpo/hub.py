@@ -41,8 +41,13 @@ def _reference(config: dict) -> str:
         return "none: SimPO's length-normalised reward needs no reference"
     if config.get("ref_free"):
         return "none (reference-free): the reference term is 0, the paper's posterior reward beta log p(y|x)"
-    chosen, _, rejected = str(config.get("ref_columns", "chosen_logprob,rejected_logprob")).partition(",")
-    return f"the log-probs stored in the data (columns `{chosen}`, `{rejected}`), computed once by the reference"
+    columns = str(config.get("ref_columns", "chosen_logprob,rejected_logprob")).split(",")
+    if config.get("ref_mix") is not None and len(columns) == 4:
+        lam = config["ref_mix"]
+        return (f"the geometric mixture {lam:g} x (columns `{columns[0]}`, `{columns[1]}`) + {1 - lam:g} x "
+                f"(columns `{columns[2]}`, `{columns[3]}`) of two references' log-probs stored in the data")
+    return (f"the log-probs stored in the data (columns `{columns[0]}`, `{columns[1]}`), computed once by the "
+            "reference")
 
 
 def model_card(config: dict, data: dict, metrics: dict, base_model: str) -> str:

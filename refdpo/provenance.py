@@ -262,15 +262,22 @@ def check_for_training(data, tokenizer, cfg, strict: bool = True) -> list[str]:
     `origin` describes the whole split it came from."""
     columns, origin = data.stats["ref_columns"], data.origin
     sidecar = Path(origin["provenance"]) if origin.get("provenance") else None
-    entry = read(sidecar).get(column_key(columns))
-    if entry is None:
-        log.info("%s: no provenance for %s (not written by refdpo score): how they were scored is unchecked",
-                 data.source, ",".join(columns))
-        return []
+    entries = read(sidecar)
     longest = max(e.full_length for seqs in (data.chosen, data.rejected) for e in seqs)
-    warnings, notes = training_report(entry, model=cfg.model, revision=cfg.revision, tokenizer=tokenizer,
-                                      template=cfg.template, max_len=cfg.max_len, rows=origin["rows_total"],
-                                      longest=longest, conversations=origin.get("conversations_sha256"))
+    warnings, notes = [], []
+    for pair in (columns[i:i + 2] for i in range(0, len(columns), 2)):  # two pairs: a mixed reference
+        entry = entries.get(column_key(pair))
+        if entry is None:
+            log.info("%s: no provenance for %s (not written by refdpo score): how they were scored is unchecked",
+                     data.source, ",".join(pair))
+            continue
+        more_warnings, more_notes = training_report(
+            entry, model=cfg.model, revision=cfg.revision, tokenizer=tokenizer, template=cfg.template,
+            max_len=cfg.max_len, rows=origin["rows_total"], longest=longest,
+            conversations=origin.get("conversations_sha256"))
+        label = f"{','.join(pair)}: " if len(columns) > 2 else ""
+        warnings += [label + w for w in more_warnings]
+        notes += [label + n for n in more_notes]
     for note in notes:
         log.info("%s: %s", data.source, note)
     if warnings and strict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -103,8 +104,10 @@ def rows_of(results: dict) -> list[dict]:
 
 
 def write_report(results: dict, columns: dict[str, Columns], info: dict, grid: list[float], out: Path,
-                 config: dict) -> dict:
-    """advise.md/.csv/.json and three plots in `out`; returns the report (with `text`, what is printed)."""
+                 config: dict, run_jobs=None) -> dict:
+    """advise.md/.csv/.json and three plots in `out`; returns the report (with `text`, what is printed).
+    `run_jobs`: runs a list of (function, arguments) and returns their results in order (default: one by
+    one; `refdpo advise` passes its process pool)."""
     out.mkdir(parents=True, exist_ok=True)
     rows = [{"reference": row["reference"], "pairs": len(columns[row["reference"]]), **row}
             for row in rows_of(results)]
@@ -132,7 +135,8 @@ def write_report(results: dict, columns: dict[str, Columns], info: dict, grid: l
                                     "verdict_agreement": r["verdict_agreement"]}
                              for name, r in results.items()}}
     atomic_write_json(out / "advise.json", _finite(report))
-    report["plots"] = plot(results, columns, grid, out)
+    jobs = plot_jobs(results, columns, grid, out)
+    report["plots"] = run_jobs(jobs) if run_jobs else [function(*args) for function, args in jobs]
     report["text"] = text
     return report
 
@@ -158,33 +162,46 @@ def _subsample(m: Margins, n: int) -> Margins:
     return Margins(*(getattr(m, f.name)[pick] for f in dataclasses.fields(Margins)))
 
 
-def plot(results: dict, columns: dict[str, Columns], grid: list[float], out: Path) -> list[str]:
-    """advise_margins.png (reference margin against the policy's), advise_advantage_length.png (A against the
-    length difference) and advise_beta.png (the saturated fraction over the β grid, the recommendation marked)."""
+def _save(fig, path: Path) -> str:
+    """Write a figure atomically (a temp file, then a rename) and close it; returns the file name."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path.name
+
+
+def _figure(columns: int, width: float = 4.2):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(results)
-    width = min(4.2 * len(names), 16)
-    shown = {name: _subsample(margins(columns[name]), PLOTTED) for name in names}
-    fig, axes = plt.subplots(1, len(names), figsize=(width, 3.8), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        m = shown[name]
+    return plt.subplots(1, columns, figsize=(min(width * columns, 16), 3.8), squeeze=False)
+
+
+def plot_margins(results: dict, columns: dict[str, Columns], out: Path) -> str:
+    """advise_margins.png: per reference, its margin against the policy's (A = 0 on the diagonal)."""
+    fig, axes = _figure(len(results))
+    for ax, name in zip(axes[0], results):
+        m = _subsample(margins(columns[name]), PLOTTED)
         ax.hexbin(m.delta_self, m.delta_ref, gridsize=40, bins="log", cmap="viridis", mincnt=1)
         low, high = np.percentile(np.r_[m.delta_self, m.delta_ref], [0.5, 99.5])
         ax.plot([low, high], [low, high], color="red", lw=1, label="Δr = Δ0 (A = 0)")
         ax.set(title=f"{name}: {results[name]['advice'].verdict}", xlabel="policy margin Δ0 (nats)",
                ylabel="reference margin Δr (nats)", xlim=(low, high), ylim=(low, high))
         ax.legend(loc="upper left", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "advise_margins.png", dpi=110)
-    plt.close(fig)
+    return _save(fig, out / "advise_margins.png")
 
-    fig, axes = plt.subplots(1, len(names), figsize=(width, 3.8), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        m = shown[name]
+
+def plot_advantage_length(results: dict, columns: dict[str, Columns], out: Path) -> str:
+    """advise_advantage_length.png: per reference, A against the length difference, with its OLS line."""
+    fig, axes = _figure(len(results))
+    for ax, name in zip(axes[0], results):
+        m = _subsample(margins(columns[name]), PLOTTED)
         ax.hexbin(m.length_diff, m.advantage, gridsize=40, bins="log", cmap="magma", mincnt=1)
         slope = results[name]["advice"].scores["length_coupling"] / 100
         xs = np.percentile(m.length_diff, [1, 99])
@@ -193,13 +210,16 @@ def plot(results: dict, columns: dict[str, Columns], grid: list[float], out: Pat
         ax.axhline(0, color="grey", lw=0.8)
         ax.set(title=name, xlabel="length difference B_w − B_l (bytes)", ylabel="reference advantage A (nats)")
         ax.legend(loc="upper left", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "advise_advantage_length.png", dpi=110)
-    plt.close(fig)
+    return _save(fig, out / "advise_advantage_length.png")
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+
+def plot_beta(results: dict, columns: dict[str, Columns], grid: list[float], out: Path) -> str:
+    """advise_beta.png: the saturated share S(β) over the grid per reference (at its λ; a "don't" at λ = 1, what
+    using it would do), the recommendation dashed and the rules' interval shaded."""
+    fig, axes = _figure(1, width=6.4)
+    ax = axes[0][0]
     betas = np.geomspace(grid[0], grid[-1], 60)
-    for name in names:
+    for name in results:
         a = results[name]["advice"]
         advantage = margins(columns[name]).advantage * (a.lam if a.verdict != "dont" else 1.0)
         curve = [float(np.mean(b * np.abs(advantage) >= 2)) for b in betas]
@@ -212,7 +232,10 @@ def plot(results: dict, columns: dict[str, Columns], grid: list[float], out: Pat
            ylabel="saturated pairs S(β) = P(β|λA| ≥ 2)", ylim=(-0.02, 1.02),
            title="where each reference's targets saturate")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "advise_beta.png", dpi=110)
-    plt.close(fig)
-    return ["advise_margins.png", "advise_advantage_length.png", "advise_beta.png"]
+    return _save(fig, out / "advise_beta.png")
+
+
+def plot_jobs(results: dict, columns: dict[str, Columns], grid: list[float], out: Path) -> list[tuple]:
+    """The three plots as independent (function, arguments) jobs: a caller may draw them in parallel."""
+    return [(plot_margins, (results, columns, out)), (plot_advantage_length, (results, columns, out)),
+            (plot_beta, (results, columns, grid, out))]

@@ -155,7 +155,8 @@ def _other_source(cfg: AdviseConfig, source: str, columns: list[str], keys: list
     else:
         location = locate_split(source, cfg.split)
     raw = location.read()
-    missing = [c for c in columns if c not in raw.columns]
+    names = raw.columns
+    missing = [c for c in columns if c not in names]
     if missing:
         raise DataError(raw.source, f"no column(s) {', '.join(missing)} for --references", field=missing[0])
     values = logprob_columns(raw.records, columns, raw.source, raw.line_of)
@@ -176,13 +177,14 @@ def load_columns(cfg: AdviseConfig) -> tuple[dict[str, Columns], dict]:
     raw = _scored_split(cfg, location)
     if not raw.records:
         raise DataError(raw.source, "has no records")
-    self_pair = resolve_ref_columns(raw.columns, parse_ref_columns(cfg.self_columns), raw.source,
+    names = raw.columns  # a scan of every record: once
+    self_pair = resolve_ref_columns(names, parse_ref_columns(cfg.self_columns), raw.source,
                                     f"refdpo advise --policy MODEL (or refdpo score --model POLICY --split {cfg.split})")
     needed = [c for pair, source in specs.values() if pair and not source for c in pair]
-    missing = [c for c in needed if c not in raw.columns]
+    missing = [c for c in needed if c not in names]
     if missing:
         raise DataError(raw.source, f"no column(s) {', '.join(missing)} for --references (columns that look like "
-                                    f"log-probs: {', '.join(sorted(c for c in raw.columns if 'logp' in c))})",
+                                    f"log-probs: {', '.join(sorted(c for c in names if 'logp' in c))})",
                         field=missing[0])
     pairs = validate_records(raw.records, raw.source, None, raw.line_of)
     column = logprob_columns(raw.records, list(dict.fromkeys((*self_pair, *needed))), raw.source, raw.line_of)
@@ -221,19 +223,26 @@ def _renumbered(c: Columns) -> Columns:
 
 def advise_split(cfg: AdviseConfig) -> dict:
     """Everything `refdpo advise` prints and writes; returns the report."""
-    from refdpo.advise.report import assess, write_report
+    from refdpo.advise.report import assess
 
     cfg = cfg.validate().require()
     require_writable(cfg.out, "--out")
     columns, info = load_columns(cfg)
     workers = min(len(columns), cfg.workers or os.cpu_count() or 1)
-    jobs = {name: (c, cfg.bootstrap, cfg.seed, cfg.bootstrap_prompts, cfg.progress and workers == 1)
-            for name, c in columns.items()}
-    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
-        # The references' bootstraps are independent: one process each (fork: the columns are not copied).
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            futures = {name: pool.submit(assess, *job) for name, job in jobs.items()}
-            results = {name: future.result() for name, future in futures.items()}
-    else:
-        results = {name: assess(*job) for name, job in jobs.items()}
-    return write_report(results, columns, info, cfg.grid(), Path(cfg.out), dataclasses.asdict(cfg))
+    boot = [(assess, (c, cfg.bootstrap, cfg.seed, cfg.bootstrap_prompts, cfg.progress and workers == 1))
+            for c in columns.values()]
+    if workers == 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return _report(cfg, columns, info, [function(*args) for function, args in boot], None)
+    # The references' bootstraps, then the plots, are independent: one process each (fork: nothing is copied).
+    with ProcessPoolExecutor(max(workers, 2), mp_context=multiprocessing.get_context("fork")) as pool:
+        def run_jobs(jobs: list[tuple]) -> list:
+            return [future.result() for future in [pool.submit(function, *args) for function, args in jobs]]
+
+        return _report(cfg, columns, info, run_jobs(boot), run_jobs)
+
+
+def _report(cfg: AdviseConfig, columns: dict[str, Columns], info: dict, assessed: list, run_jobs) -> dict:
+    from refdpo.advise.report import write_report
+
+    results = dict(zip(columns, assessed))
+    return write_report(results, columns, info, cfg.grid(), Path(cfg.out), dataclasses.asdict(cfg), run_jobs)

@@ -73,10 +73,15 @@ def format_report(report: dict) -> str:
     """The dry run as text: config (YAML, loadable with --config), splits, plan."""
     lines = [f"refdpo {report['command']} --dry_run: nothing was run and no model weights were loaded.", "",
              "resolved config:", yaml.safe_dump(report["config"], sort_keys=False).rstrip(), ""]
+    lam = report["config"].get("ref_mix")
     for name, split in report["splits"].items():
+        columns = split["ref_columns"]
+        reference = (f"; reference {lam:g} x {','.join(columns[:2])} + {1 - lam:g} x {','.join(columns[2:])} (a "
+                     "geometric mixture)" if columns and len(columns) == 4 else
+                     f"; reference columns {','.join(columns)}" if columns else "")
         lines.append(f"{name}: {split['source']} ({split['format']} format): {split['pairs']} of {split['rows']} "
                      f"pairs kept; max_len drops {split['dropped_by_max_len']}, cuts {split['cut_by_max_len']}"
-                     + (f"; reference columns {','.join(split['ref_columns'])}" if split["ref_columns"] else ""))
+                     + reference)
         for what in ("prompt_tokens", "reply_tokens", "sequence_tokens"):
             lengths = split[what]
             lines.append(f"  {what.replace('_', ' ')}: " + ", ".join(f"{k} {v}" for k, v in lengths.items()))

@@ -69,7 +69,7 @@ SETTING_COLUMNS = ("objective", "beta", "ref_columns")  # what each row's loss a
 # What a run's own config.yaml decides when the run (or one of its checkpoints) is evaluated: what its
 # validation loss meant. Flags given for these apply to the other models in --model.
 RUN_SETTINGS = ("loss", "beta", "ref_free", "label_smoothing", "simpo_gamma", "dpo_weight", "ref_columns",
-                "template", "max_len", "on_truncated")
+                "ref_mix", "template", "max_len", "on_truncated")
 
 
 def run_settings(name: str) -> dict:
@@ -107,10 +107,10 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
             log.info("%s: evaluated as it was trained: loss %s, beta %s, reference columns %s, template %s, "
                      "max_len %d (its config.yaml)", name, spec.loss, spec.beta,
                      "none" if spec.ref_free else spec.ref_columns, spec.template, spec.max_len)
-        columns = parse_ref_columns(spec.ref_columns) if spec.objective.uses_reference else None
+        columns = parse_ref_columns(spec.ref_columns, mix=True) if spec.objective.uses_reference else None
         tokenizer = load_tokenizer(cfg.tokenizer or path, cfg.revision, cfg.trust_remote_code)
         check_template(spec.template, tokenizer)
-        data = load_pairs(spec, cfg.split, tokenizer, columns, cfg.max_pairs, tokenised)
+        data = load_pairs(spec, cfg.split, tokenizer, columns, cfg.max_pairs, tokenised).mixed(spec.ref_mix)
         model = load_frozen(spec, accelerator.device, getattr(torch, cfg.dtype))
         pad_id = pad_token_id(tokenizer)
         probe = to_device(collate_pairs(data, np.arange(1), np.ones(1), pad_id), accelerator.device)
@@ -119,7 +119,8 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
         metrics = evaluate_pairs(model, data, spec.objective, accelerator, cfg.batch_size, pad_id, fused,
                                  prefix="", collate=collate)
         rows.append({"model": name, "checkpoint": path, **{k: metrics[k] for k in TABLE_COLUMNS},
-                     "objective": spec.loss, "beta": spec.beta, "ref_columns": ",".join(columns or ["none"])})
+                     "objective": spec.loss, "beta": spec.beta, "ref_columns": ",".join(columns or ["none"])
+                     + (f" mixed {spec.ref_mix:g}" if spec.ref_mix is not None and columns else "")})
         del model
     if cfg.out and accelerator.is_main_process:
         write_tables(rows, Path(cfg.out), "evaluate", {"config": dataclasses.asdict(cfg)})

@@ -50,6 +50,7 @@ def load_split_data(cfg: TrainConfig, split: str, location: SplitLocation, limit
                cache: dict | None) -> tuple[PairData, list[str]]:
     """One split as the config says, and the mismatches with its reference columns' provenance it trains
     through (--strict false; with --strict they are refused)."""
-    columns = parse_ref_columns(cfg.ref_columns) if cfg.objective.uses_reference else None
+    columns = parse_ref_columns(cfg.ref_columns, mix=True) if cfg.objective.uses_reference else None
     data = load_pairs(cfg, split, tokenizer, columns, limit, cache, location)
-    return data, prov.check_for_training(data, tokenizer, cfg, cfg.strict) if columns is not None else []
+    mismatches = prov.check_for_training(data, tokenizer, cfg, cfg.strict) if columns is not None else []
+    return data.mixed(cfg.ref_mix), mismatches

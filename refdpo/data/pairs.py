@@ -7,6 +7,7 @@ and counted (`on_truncated="drop"`) or reported as an error naming its row (`on_
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -41,7 +42,9 @@ class PairData:
 
     chosen: list[Encoded]
     rejected: list[Encoded]
-    ref_chosen: np.ndarray | None  # float64 [N], None when training reference-free
+    # float64 [N], None when training reference-free; [N, 2] when two column pairs were read (reference,
+    # self) for a mixed reference: `mixed` makes it one.
+    ref_chosen: np.ndarray | None
     ref_rejected: np.ndarray | None
     rows: np.ndarray  # int64 [N]
     source: str
@@ -54,6 +57,16 @@ class PairData:
 
     def num_tokens(self, i: int) -> int:
         return len(self.chosen[i].input_ids) + len(self.rejected[i].input_ids)
+
+    def mixed(self, lam: float | None) -> PairData:
+        """The pairs against the geometric mixture p_lam ∝ p_ref^lam · p_self^(1-lam) of the two column pairs
+        read: log p_lam(y|x) = lam·log p_ref(y|x) + (1-lam)·log p_self(y|x) + c(x). The normaliser c(x) depends
+        only on the prompt, so it cancels in every pairwise objective and the mixture is exact from the stored
+        columns (Aminian et al. 2025, arXiv 2502.01203; MRPO). One pair read: returned as it is."""
+        if self.ref_chosen is None or self.ref_chosen.ndim == 1:
+            return self
+        weights = np.array([lam, 1.0 - lam])
+        return dataclasses.replace(self, ref_chosen=self.ref_chosen @ weights, ref_rejected=self.ref_rejected @ weights)
 
     def token_counts(self) -> np.ndarray:
         """int64 [N]: each pair's chosen + rejected tokens (what batches are split by)."""
@@ -84,7 +97,7 @@ def _render(pairs: list, template: str, tokenizer, source: str, line_of) -> tupl
 
 
 def build_pairs(raw: RawSplit, tokenizer, template: str, max_len: int,
-                ref_columns: tuple[str, str] | None, on_truncated: str = "drop", validate: bool = True,
+                ref_columns: tuple[str, ...] | None, on_truncated: str = "drop", validate: bool = True,
                 score_hint: str = "") -> PairData:
     """Validate, render and tokenise a split. `ref_columns=None`: no reference log-probs are read.
     `validate=False`: the records are conversation pairs derived from validated ones (prior mode).
@@ -138,8 +151,10 @@ def build_pairs(raw: RawSplit, tokenizer, template: str, max_len: int,
              "boundary_merges": merges, "max_len": max_len}
     ref_c = ref_r = None
     if ref_columns is not None:
-        ref_c = np.array([float(raw.records[i][ref_columns[0]]) for i in keep], dtype=np.float64)
-        ref_r = np.array([float(raw.records[i][ref_columns[1]]) for i in keep], dtype=np.float64)
+        values = np.array([[float(raw.records[i][c]) for c in ref_columns] for i in keep], dtype=np.float64)
+        ref_c, ref_r = values[:, 0::2], values[:, 1::2]  # [N, pairs]: one pair is one column
+        if len(ref_columns) == 2:
+            ref_c, ref_r = ref_c[:, 0], ref_r[:, 0]
         stats["ref_columns"] = list(ref_columns)
         stats["zero_logprobs"] = int(np.sum(ref_c == 0.0) + np.sum(ref_r == 0.0))
     data = PairData(chosen=[encoded[2 * i] for i in keep], rejected=[encoded[2 * i + 1] for i in keep],
@@ -196,7 +211,7 @@ def score_command(spec, split: str) -> str:
             f"{spec.template} --max_len {spec.max_len} --out {split}.scored.jsonl")
 
 
-def load_pairs(spec, split: str, tokenizer, ref_columns: tuple[str, str] | None, limit: int = 0,
+def load_pairs(spec, split: str, tokenizer, ref_columns: tuple[str, ...] | None, limit: int = 0,
                cache: dict | None = None, location: SplitLocation | None = None) -> PairData:
     """Load one split as `spec` (a DataSpec: dataset, config, revision, template, max_len, on_truncated,
     cache_dir) says, keep its first `limit` records (0: all), validate and tokenise them.

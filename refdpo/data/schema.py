@@ -22,6 +22,8 @@ import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+import numpy as np
+
 from refdpo.errors import DataError, DataErrors
 
 ROLES = ("system", "user", "assistant")
@@ -32,16 +34,18 @@ POSITIVE_TOLERANCE = 1e-4
 MAX_REPORTED_ERRORS = 20
 
 
-def parse_ref_columns(spec: str | Sequence[str]) -> tuple[str, str]:
-    """`"chosen_logprob,rejected_logprob"` -> ("chosen_logprob", "rejected_logprob")."""
+def parse_ref_columns(spec: str | Sequence[str], mix: bool = False) -> tuple[str, ...]:
+    """`"chosen_logprob,rejected_logprob"` -> ("chosen_logprob", "rejected_logprob"). `mix`: four names are
+    accepted too, REF_CHOSEN,REF_REJECTED,SELF_CHOSEN,SELF_REJECTED: the two pairs of a mixed reference."""
     parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec)]
-    if len(parts) != 2 or not all(parts):
-        raise DataError("ref_columns", f"expected two column names 'CHOSEN,REJECTED', got {spec!r}")
-    return parts[0], parts[1]
+    if len(parts) not in ((2, 4) if mix else (2,)) or not all(parts):
+        expected = "two column names 'CHOSEN,REJECTED'" + (" or four (two pairs, with --ref_mix)" if mix else "")
+        raise DataError("ref_columns", f"expected {expected}, got {spec!r}")
+    return tuple(parts)
 
 
-def resolve_ref_columns(columns: Iterable[str], requested: tuple[str, str], source: str,
-                        score_hint: str = "") -> tuple[str, str]:
+def resolve_ref_columns(columns: Iterable[str], requested: tuple[str, ...], source: str,
+                        score_hint: str = "") -> tuple[str, ...]:
     """The reference columns to read: the requested pair, or TRL's names when the default pair is absent.
     `score_hint`: the `refdpo score` command that would compute them, shown when they are missing."""
     columns = set(columns)
@@ -203,7 +207,7 @@ def _check_logprob(record: Mapping, column: str) -> None:
         raise _Bad(column, f"is positive ({value:g}): a summed log-probability is <= 0")
 
 
-def validate_record(record: object, ref_columns: tuple[str, str] | None,
+def validate_record(record: object, ref_columns: tuple[str, ...] | None,
                     fmt: str = "messages") -> tuple[list[Mapping], list[Mapping]]:
     """Check one record of format `fmt`; returns its two conversations, or raises `_Bad(field, message)` on
     the first problem. `ref_columns=None` skips the reference columns (reference-free training, or scoring a
@@ -215,17 +219,23 @@ def validate_record(record: object, ref_columns: tuple[str, str] | None,
     return pair
 
 
-def validate_records(records: Sequence[object], source: str, ref_columns: tuple[str, str] | None,
+def validate_records(records: Sequence[object], source: str, ref_columns: tuple[str, ...] | None,
                      line_of: Callable[[int], int | None] = lambda row: None,
                      fmt: str | None = None) -> list[tuple[list[Mapping], list[Mapping]]]:
     """Validate every record (in format `fmt`, default: the split's); returns their conversation pairs, or
     raises DataErrors listing the first bad records, one line each."""
     fmt = fmt or split_format(records, source)
+    return _each_record(records, source, lambda record: validate_record(record, ref_columns, fmt), line_of)
+
+
+def _each_record(records: Sequence[object], source: str, check: Callable, line_of: Callable[[int], int | None]
+                 ) -> list:
+    """`check(record)` of every record, or DataErrors naming the first bad records (row, line, field)."""
     errors: list[DataError] = []
-    pairs, total = [], 0
+    results, total = [], 0
     for row, record in enumerate(records):
         try:
-            pairs.append(validate_record(record, ref_columns, fmt))
+            results.append(check(record))
         except _Bad as bad:
             total += 1
             if len(errors) < MAX_REPORTED_ERRORS:
@@ -233,4 +243,21 @@ def validate_records(records: Sequence[object], source: str, ref_columns: tuple[
                                         line=line_of(row)))
     if errors:
         raise DataErrors(errors, total)
-    return pairs
+    return results
+
+
+def logprob_columns(records: Sequence[Mapping], columns: Sequence[str], source: str,
+                    line_of: Callable[[int], int | None] = lambda row: None) -> dict[str, np.ndarray]:
+    """float64 [N] arrays of log-prob columns, checked as `validate_record` checks them: in bulk, and record by
+    record (for the one-line errors naming row and field) when the bulk check finds a problem."""
+    out = {}
+    for column in columns:
+        values = [record.get(column) for record in records]
+        try:
+            array = np.array(values, dtype=np.float64) if all(type(v) in (float, int) for v in values) else None
+        except OverflowError:  # an integer too large for a float
+            array = None
+        if array is None or not np.all(np.isfinite(array)) or np.any(array > POSITIVE_TOLERANCE):
+            _each_record(records, source, lambda record, column=column: _check_logprob(record, column), line_of)
+        out[column] = array
+    return out

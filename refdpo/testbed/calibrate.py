@@ -29,6 +29,7 @@ import numpy as np
 
 from refdpo.advise.rules import Constants, advise, beta_reference, beta_self
 from refdpo.advise.scores import margins
+from refdpo.testbed.study_eval import snap
 
 SCALES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 GATE_SNR = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5)
@@ -36,11 +37,6 @@ GATE_KAPPA = (-1.0, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 KAPPA_BUDGET = (0.25, 0.5, 1.0, 2.0, 4.0)
 MIN_SLACK = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 USE_LAMBDA = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-
-
-def snap(beta: float, grid: list[float]) -> float:
-    """The grid point nearest to beta on a log scale."""
-    return min(grid, key=lambda b: abs(math.log10(b) - math.log10(beta)))
 
 
 def log_error(beta: float, unit: dict) -> float:
@@ -100,7 +96,7 @@ def calibration_units(out: str) -> tuple[list, list]:
     from refdpo.io import read_jsonl
     from refdpo.testbed.demo import DemoConfig, seed_dir
     from refdpo.testbed.study import ADVISE_SPLIT, advise_columns, phase_references
-    from refdpo.testbed.study_report import load_phase
+    from refdpo.testbed.study_eval import load_phase
 
     cfg = DemoConfig(**json.loads(Path(out, "demo.json").read_text()), out=out)  # the study's own settings
     units = load_phase(cfg, "calibrate")

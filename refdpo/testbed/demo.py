@@ -1,11 +1,8 @@
 """`refdpo demo`: the paper's three questions answered on a controlled task with a known reward, on a CPU.
 
-Per seed (`prepare`): sample the task, train the SFT model (the self reference), a stronger compatible reference
-(the SFT model trained further on good demonstrations) and a stronger incompatible one (another tokenizer,
-another initialisation, good demonstrations in another style); sample two replies per prompt from the SFT
-model, label them by Bradley-Terry on r*, and score them with `refdpo score` under every reference, prior
-included. Then every grid point is one `refdpo train` run (`run_one`), measured on held-out prompts by
-sampling from the trained policy and scoring with r* (`measure`) and by `refdpo evaluate`.
+This module is the demo as a whole: its config (sizes, beta grids, run families, what each seed's preparation
+builds), the run folder's layout, and the process pool that runs pipeline.py's jobs (each seed's preparation,
+then one `refdpo train` run per grid point) before report.py writes the results.
 
 Runs go to a pool of processes with one torch thread each: every number depends only on the config and the
 seed, never on the number of workers or the order runs finish in, so the table is the same every time. A
@@ -18,7 +15,6 @@ import dataclasses
 import json
 import logging
 import os
-import random
 import shutil
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -26,19 +22,12 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-import numpy as np
-
 from refdpo.config import Config, check_all, option
 from refdpo.errors import ConfigError
-from refdpo.io import atomic_write_json, read_jsonl, write_jsonl
+from refdpo.io import atomic_write_json
 from refdpo.testbed import task
-from refdpo.testbed.models import TEMPLATE
-from refdpo.testbed.report import reference_agreement
 from refdpo.testbed.task import FAMILIES, REFERENCES
-from refdpo.tokenization import save_tokenizer
 
-log = logging.getLogger(__name__)
-MAX_LEN = 128  # tokens: prompt + reply + EOS, with the incompatible tokenizer's two pieces per word
 PREPARE_WEIGHT = 10  # a seed's preparation takes about as long as ten training runs (progress bar units)
 
 
@@ -66,12 +55,20 @@ class DemoConfig(Config):
     quick: bool = option(False, "toy size for a smoke test (CI): every size left unset takes its --quick value")
     overwrite: bool = option(False, "delete OUT if it holds a demo with other settings")
     progress: bool = option(True, "show a progress bar")
+    study: str = option("rq", "rq: the paper's three questions | advise: the validation of `refdpo advise` on "
+                              "references of controlled quality, calibration and held-out phases (study.py)")
+    phase: str = option("all", "--study advise: calibrate | heldout | long | all (long: the held-out test on the "
+                               "long-reply variant)")
+    candidates: str = option("", "--study advise: only these candidate references (comma-separated names, as in "
+                                 "results.csv); unset: every one of each phase")
+    variant: str = option("base", "the task's parameter set: base | long (replies about 3x longer; task.VARIANTS)")
     # the task
     train_prompts: int | None = _sized("train_prompts", "prompts for preference pairs")
     heldout_prompts: int | None = _sized("heldout_prompts", "held-out prompts: sampled from for evaluation, and "
                                                             "held-out pairs")
     demonstrations: int | None = _sized("demonstrations", "SFT demonstrations, half good, half mediocre")
-    max_reply_tokens: int = option(40, "generation cap: a reply still going after this many tokens never ended")
+    max_reply_tokens: int | None = option(None, "generation cap: a reply still going after this many tokens never "
+                                                "ended; unset: the variant's (base 40, long 100)")
     bt_temperature: float = option(0.5, "Bradley-Terry temperature of the labels: P(y1 > y2) = sigmoid((r1 - r2) / T)")
     # the models (tiny Llamas: models.py)
     sft_steps: int | None = _sized("sft_steps", "SFT steps of the self reference")
@@ -91,9 +88,20 @@ class DemoConfig(Config):
                                                               "value also in --betas_dpo")
 
     def validate(self) -> DemoConfig:
-        for name, (full, quick) in SIZES.items():
+        check_all([(self.study in ("rq", "advise"), "--study must be rq or advise"),
+                   (self.phase in ("calibrate", "heldout", "long", "all"),
+                    "--phase must be calibrate, heldout, long or all"),
+                   (self.variant in task.VARIANTS, f"--variant must be one of {', '.join(task.VARIANTS)}")])
+        sizes = SIZES
+        if self.study == "advise":
+            from refdpo.testbed.study import STUDY_SIZES
+
+            sizes = {**SIZES, **STUDY_SIZES}
+        for name, (full, quick) in sizes.items():
             if getattr(self, name) is None:
                 setattr(self, name, quick if self.quick else full)
+        if self.max_reply_tokens is None:
+            self.max_reply_tokens = self.task_variant().max_reply_tokens
         grids = {f: _betas(getattr(self, f"betas_{f}"), f) for f in ("dpo", "ref_free", "prior", "references")}
         check_all([
             (self.seeds >= 2, "--seeds must be >= 2 (intervals are over seeds)"),
@@ -109,6 +117,26 @@ class DemoConfig(Config):
         ])
         return self
 
+    def task_variant(self) -> task.Variant:
+        return task.VARIANTS[self.variant]
+
+    def families(self) -> dict[str, dict]:
+        """Run family -> the fields of its `refdpo train` run (which reference, or none)."""
+        if self.study == "advise":
+            from refdpo.testbed.study import families
+
+            return families(self)
+        return {family: fields for family, (_, fields) in FAMILIES.items()}
+
+    def seed_plan(self, seed: int) -> SeedPlan:
+        """What a seed's preparation builds: the demo's references, or the study's for the seed's phase."""
+        if self.study == "advise":
+            from refdpo.testbed.study import seed_plan
+
+            return seed_plan(self, seed)
+        return SeedPlan(references=dict(REFERENCES), snapshots={self.compatible_steps: "compatible"},
+                        incompatible=True, alone=("compatible", "incompatible"))
+
     def grid(self) -> list[tuple[str, float]]:
         """Every training run of one seed: (family, beta)."""
         betas = {"dpo": self.betas_dpo, "ref_free": self.betas_ref_free, "prior": self.betas_prior,
@@ -116,9 +144,26 @@ class DemoConfig(Config):
         return [(family, beta) for family, spec in betas.items() for beta in _betas(spec, family)]
 
     def fingerprint(self) -> dict:
-        """What the results depend on (not where they go, how many workers, or the progress bar)."""
+        """What the results depend on (not where they go, how many workers, the progress bar or which phase of
+        a study runs now)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out", "workers", "overwrite",
-                                                                                 "progress")}
+                                                                                 "progress", "phase")}
+
+
+@dataclass
+class SeedPlan:
+    """One seed's references. `references`: scored by `refdpo score` (name -> (model folder, columns, mode));
+    `snapshots`: steps of further SFT on good demonstrations -> the folder of that model (one trajectory);
+    `incompatible`: train the incompatible reference; `alone`: model references measured on their own (their
+    strength); `synthesise(seed, split, records)`: the records with extra columns, written into the split after
+    scoring; `prior_strength`: measure the prior's own replies (to an empty prompt)."""
+
+    references: dict
+    snapshots: dict
+    incompatible: bool
+    alone: tuple
+    synthesise: object = None
+    prior_strength: bool = False
 
 
 def _betas(spec: str, name: str) -> list[float]:
@@ -137,176 +182,6 @@ def seed_dir(cfg: DemoConfig, seed: int) -> Path:
 
 def run_dir(cfg: DemoConfig, seed: int, family: str, beta: float) -> Path:
     return seed_dir(cfg, seed) / "runs" / f"{family}-beta{beta:g}"
-
-
-# --- one seed: task, models, preference data ----------------------------------------------------------
-
-def _save(model, tokenizer, folder: Path) -> None:
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    save_tokenizer(tokenizer, tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-
-
-def _demonstrations(keywords: list, n: int, rng: random.Random, good_fraction: float, dialect: bool = False):
-    kws = [rng.choice(keywords) for _ in range(n)]
-    return kws, [task.demonstration(k, rng, "good" if rng.random() < good_fraction else "mediocre", dialect)
-                 for k in kws]
-
-
-def _pairs(model, tokenizer, keywords: list, cfg: DemoConfig, seed: int, split: str) -> tuple[list[dict], dict]:
-    """Two T=1 replies per prompt from the SFT model, labelled by Bradley-Terry on r*. Pairs with a reply that
-    never ended are dropped: the data contract's replies end with EOS."""
-    from refdpo.testbed.models import sample
-
-    s = sample(model, tokenizer, keywords, greedy=False, max_tokens=cfg.max_reply_tokens, seed=seed,
-               num_per_prompt=2)
-    keep = [i for i in range(len(keywords)) if s.ended[2 * i] and s.ended[2 * i + 1]]
-    replies = [(s.words[2 * i], True, s.words[2 * i + 1], True) for i in keep]
-    records, stats = task.preference_records([keywords[i] for i in keep], replies, task.Reward(),
-                                             cfg.bt_temperature, random.Random(f"{seed}:labels:{split}"), split)
-    return records, {**stats, "dropped_unended": len(keywords) - len(keep)}
-
-
-def _score_all(folder: Path, split: str) -> None:
-    """`refdpo score` under every reference, one column pair each: raw -> ... -> data/{split}.jsonl."""
-    from refdpo.commands.score import ScoreConfig, score
-
-    source = folder / "data" / ".stages" / f"{split}.raw.jsonl"
-    for i, (name, (model, columns, mode)) in enumerate(REFERENCES.items()):
-        last = i == len(REFERENCES) - 1
-        out = folder / "data" / (f"{split}.jsonl" if last else f".stages/{split}.{name}.jsonl")
-        score(ScoreConfig(model=str(folder / model), dataset=str(source.parent), split=str(source), out=str(out),
-                          columns=columns,
-                          mode=mode, template=TEMPLATE, max_len=MAX_LEN, progress=False, overwrite=True).validate())
-        source = out
-
-
-def prepare(cfg: DemoConfig, seed: int) -> dict:
-    """Everything one seed's runs share; skipped when seed-N/prepared.json exists."""
-    from refdpo.testbed.models import new_model, supervised_finetune
-
-    folder = seed_dir(cfg, seed)
-    if (folder / "prepared.json").exists():
-        return json.loads((folder / "prepared.json").read_text())
-    start = time.perf_counter()
-    rng = random.Random(f"{seed}:task")
-    train_kw, heldout_kw = task.prompts(cfg.train_prompts, cfg.heldout_prompts, rng)
-    tokenizer = task.word_tokenizer()
-    kws, demos = _demonstrations(train_kw, cfg.demonstrations, rng, 0.5)
-    sft = new_model(tokenizer, seed)
-    sft_loss = supervised_finetune(sft, tokenizer, kws, demos, cfg.sft_steps, cfg.sft_batch_size, cfg.sft_max_lr, seed)
-    _save(sft, tokenizer, folder / "sft")
-
-    kws, demos = _demonstrations(train_kw, cfg.demonstrations // 2, rng, 1.0)
-    compatible_loss = supervised_finetune(sft, tokenizer, kws, demos, cfg.compatible_steps, cfg.sft_batch_size,
-                                          cfg.sft_max_lr, seed + 1)
-    _save(sft, tokenizer, folder / "compatible")
-    other_tokenizer = task.subword_tokenizer()
-    kws, demos = _demonstrations(train_kw, cfg.demonstrations // 2, rng, 1.0, dialect=True)
-    other = new_model(other_tokenizer, seed + 10_000)
-    incompatible_loss = supervised_finetune(other, other_tokenizer, kws, demos, cfg.incompatible_steps,
-                                            cfg.sft_batch_size, cfg.sft_max_lr, seed + 2)
-    _save(other, other_tokenizer, folder / "incompatible")
-
-    from transformers import LlamaForCausalLM
-
-    sft = LlamaForCausalLM.from_pretrained(folder / "sft").eval()
-    data_stats = {}
-    for split, keywords in (("train", train_kw), ("val", heldout_kw)):
-        records, data_stats[split] = _pairs(sft, tokenizer, keywords, cfg, seed + (split == "val"), split)
-        write_jsonl(folder / "data" / ".stages" / f"{split}.raw.jsonl", records)
-        _score_all(folder, split)
-    shutil.rmtree(folder / "data" / ".stages")
-    atomic_write_json(folder / "prompts.json", {"heldout": heldout_kw})
-
-    baselines = {"sft": measure(cfg, seed, sft, tokenizer, sft_rewards=None, sft=sft)}
-    sft_rewards = baselines["sft"].pop("rewards")
-    baselines["sft"]["win_rate"] = 0.5
-    for name in ("compatible", "incompatible"):
-        model = LlamaForCausalLM.from_pretrained(folder / name).eval()
-        tok = other_tokenizer if name == "incompatible" else tokenizer
-        baselines[f"{name}_ref"] = measure(cfg, seed, model, tok, sft_rewards, sft if name == "compatible" else None)
-        baselines[f"{name}_ref"].pop("rewards")
-    info = {"seed": seed, "data": data_stats, "baselines": baselines, "sft_rewards": sft_rewards,
-            "references": reference_agreement(folder / "data"),
-            "sft_loss": sft_loss, "compatible_loss": compatible_loss, "incompatible_loss": incompatible_loss,
-            "seconds": round(time.perf_counter() - start, 1)}
-    atomic_write_json(folder / "prepared.json", info)
-    return info
-
-
-# --- measuring a policy ----------------------------------------------------------------------------------
-
-def measure(cfg: DemoConfig, seed: int, model, tokenizer, sft_rewards: list | None, sft=None) -> dict:
-    """On the held-out prompts: replies sampled at T=1 and greedy, scored by r*; win rate over the SFT model's
-    T=1 replies (ties 0.5); KL to the SFT model, estimated as the mean of log pi(y|x) - log sft(y|x) over the
-    sampled y (when `sft` shares the tokenizer); log p(EOS) after the held-out chosen and rejected replies."""
-    from refdpo.testbed.models import encoded_batch, reply_token_logprobs, sample, sequence_logprob_sums
-
-    folder = seed_dir(cfg, seed)
-    heldout = [tuple(k) for k in json.loads((folder / "prompts.json").read_text())["heldout"]]
-    reward = task.Reward()
-    # The same sampling seed for every policy of a seed: differences between policies are not sampling noise.
-    t1 = sample(model, tokenizer, heldout, greedy=False, max_tokens=cfg.max_reply_tokens, seed=seed + 7)
-    greedy = sample(model, tokenizer, heldout, greedy=True, max_tokens=cfg.max_reply_tokens, seed=seed + 7)
-    rewards = np.array([reward(k, w, e) for k, w, e in zip(heldout, t1.words, t1.ended)])
-    greedy_rewards = [reward(k, w, e) for k, w, e in zip(heldout, greedy.words, greedy.ended)]
-    records = read_jsonl(folder / "data" / "val.jsonl")
-    keywords = [r["prompt"].split() for r in records]
-    eos = {side: np.array([lp[-1].item() for lp in reply_token_logprobs(model, encoded_batch(
-        tokenizer, keywords, [r[side][-1]["content"].split() for r in records]))]) for side in ("chosen", "rejected")}
-    out = {"reward": float(rewards.mean()), "reward_greedy": float(np.mean(greedy_rewards)),
-           "length": float(t1.lengths().mean()), "length_greedy": float(greedy.lengths().mean()),
-           "unended": float(1 - np.mean(t1.ended)), "eos_chosen": float(eos["chosen"].mean()),
-           "eos_gap": float((eos["chosen"] - eos["rejected"]).mean()), "rewards": rewards.tolist()}
-    if sft_rewards is not None:
-        base = np.array(sft_rewards)
-        out["win_rate"] = float(np.mean(rewards > base) + 0.5 * np.mean(rewards == base))
-    if sft is not None:
-        out["kl"] = float(np.mean(sequence_logprob_sums(model, t1.batch) - sequence_logprob_sums(sft, t1.batch)))
-    return out
-
-
-# --- one training run ---------------------------------------------------------------------------------------
-
-_CACHE: dict = {"seed": None, "data": {}, "sft": None}  # per worker: one seed's tokenised splits and SFT model
-
-
-def run_one(cfg: DemoConfig, seed: int, family: str, beta: float) -> dict:
-    """`refdpo train` one grid point from the SFT model, then measure it; skipped when its eval.json exists."""
-    from transformers import LlamaForCausalLM
-
-    from refdpo.commands.evaluate import EvalConfig, evaluate
-    from refdpo.commands.train import train
-    from refdpo.commands.train_config import TrainConfig
-
-    folder, seed_folder = run_dir(cfg, seed, family, beta), seed_dir(cfg, seed)
-    if (folder / "eval.json").exists():
-        return json.loads((folder / "eval.json").read_text())
-    shutil.rmtree(folder, ignore_errors=True)  # an unfinished run: start it again (each takes seconds)
-    if _CACHE["seed"] != seed:
-        _CACHE.update(seed=seed, data={}, sft=LlamaForCausalLM.from_pretrained(seed_folder / "sft").eval())
-    start = time.perf_counter()
-    fields = dict(dataset=str(seed_folder / "data"), template=TEMPLATE, max_len=MAX_LEN, beta=beta,
-                  cache_dir="none", **FAMILIES[family][1])  # tokenised in memory once per worker (_CACHE)
-    summary = train(TrainConfig(model=str(seed_folder / "sft"), **fields, val_split="", epochs=cfg.epochs,
-                                batch_size=cfg.batch_size, max_lr=cfg.max_lr, warmup_ratio=0.1,
-                                gradient_checkpointing=False, eval_at_start=False, save_interval=10**9,
-                                report_freq=25, report_to="none", output_dir=str(folder / "train"), seed=seed,
-                                progress=False).validate(), data_cache=_CACHE["data"])
-    ranking = evaluate(EvalConfig(model=summary["last"], **fields, split="val", batch_size=256).validate())[0]
-    prepared = json.loads((seed_folder / "prepared.json").read_text())
-    policy = LlamaForCausalLM.from_pretrained(summary["last"]).eval()
-    measured = measure(cfg, seed, policy, task.word_tokenizer(), prepared["sft_rewards"], _CACHE["sft"])
-    measured.pop("rewards")
-    result = {"seed": seed, "family": family, "beta": beta, **measured,
-              "reward_accuracy": ranking["reward_accuracy"], "policy_accuracy": ranking["policy_accuracy"],
-              "steps": summary["steps"], "seconds": round(time.perf_counter() - start, 1)}
-    atomic_write_json(folder / "eval.json", result)
-    return result
 
 
 # --- the whole demo ---------------------------------------------------------------------------------------
@@ -341,38 +216,60 @@ def _claim(cfg: DemoConfig) -> None:
     atomic_write_json(manifest, cfg.fingerprint())
 
 
-def run_demo(cfg: DemoConfig) -> dict:
-    """Prepare every seed, train and measure every grid point, then write the report; returns it."""
+def execute(jobs: list[tuple[DemoConfig, int, list[tuple[str, float]]]], workers: int, progress: bool,
+            desc: str) -> tuple[dict, list[dict]]:
+    """Prepare each (config, seed) of `jobs`, then train and measure its grid, all in one pool of `workers`
+    processes. Returns the preparations, keyed by (run folder, seed), and every run's measurements."""
     from refdpo.console import progress_bar
-    from refdpo.testbed.report import write_report
+    from refdpo.testbed.pipeline import prepare, run_one  # lazily: pipeline imports this module
 
-    _claim(cfg)
-    seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
-    grid = cfg.grid()
-    workers = min(cfg.workers or min(os.cpu_count() or 1, 8), len(seeds) * len(grid))
-    start = time.perf_counter()
+    total = sum(PREPARE_WEIGHT + len(grid) for _, _, grid in jobs)
     prepared, results = {}, []
-    bar = progress_bar(total=len(seeds) * (PREPARE_WEIGHT + len(grid)), desc="demo", unit="step", dynamic_ncols=True,
-               disable=not cfg.progress)
+    bar = progress_bar(total=total, desc=desc, unit="step", dynamic_ncols=True, disable=not progress)
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
-        pending = {pool.submit(prepare, cfg, s): ("prepare", s) for s in seeds}
+        pending = {pool.submit(prepare, cfg, seed): ("prepare", i) for i, (cfg, seed, _) in enumerate(jobs)}
         try:
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
-                    kind, seed = pending.pop(future)
+                    kind, i = pending.pop(future)
+                    cfg, seed, grid = jobs[i]
                     result = future.result()
                     if kind == "prepare":
-                        prepared[seed] = result
+                        prepared[(cfg.out, seed)] = result
                         bar.update(PREPARE_WEIGHT)
-                        pending.update({pool.submit(run_one, cfg, seed, f, b): ("run", seed) for f, b in grid})
+                        pending.update({pool.submit(run_one, cfg, seed, f, b): ("run", i) for f, b in grid})
                     else:
                         results.append(result)
                         bar.update(1)
-                    bar.set_postfix_str(f"seeds ready {len(prepared)}/{len(seeds)}, runs {len(results)}/"
-                                        f"{len(seeds) * len(grid)}")
+                    bar.set_postfix_str(f"seeds ready {len(prepared)}/{len(jobs)}, runs {len(results)}/"
+                                        f"{total - PREPARE_WEIGHT * len(jobs)}")
         except BaseException:
             pool.shutdown(cancel_futures=True)
             raise
     bar.close()
+    return prepared, results
+
+
+def pool_size(cfg: DemoConfig, jobs: int) -> int:
+    """--workers, or one per CPU core (at most 8), never more than there are jobs."""
+    return max(1, min(cfg.workers or min(os.cpu_count() or 1, 8), jobs))
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Prepare every seed, train and measure every grid point, then write the report; returns it. With
+    --study advise: the advise study (study.py)."""
+    from refdpo.testbed.report import write_report
+
+    if cfg.study == "advise":
+        from refdpo.testbed.study import run_study
+
+        return run_study(cfg)
+    _claim(cfg)
+    seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
+    grid = cfg.grid()
+    workers = pool_size(cfg, len(seeds) * len(grid))
+    start = time.perf_counter()
+    prepared, results = execute([(cfg, s, grid) for s in seeds], workers, cfg.progress, "demo")
+    prepared = {seed: info for (_, seed), info in prepared.items()}
     return write_report(cfg, prepared, results, seconds=time.perf_counter() - start, workers=workers)

@@ -7,7 +7,7 @@ so what the SFT model learns is exactly what the preference data later calls x a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,9 +46,12 @@ def _right_padded(encoded, pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def supervised_finetune(model, tokenizer, keywords: Sequence[Sequence[str]], replies: Sequence[Sequence[str]],
-                        steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
+                        steps: int, batch_size: int, lr: float, seed: int, snapshot_at: Sequence[int] = (),
+                        snapshot: Callable[[int], None] | None = None) -> list[float]:
     """Maximise log p(reply + EOS | prompt) on demonstrations (cross-entropy on reply tokens only), AdamW with
-    a constant learning rate; returns the loss every 50 steps."""
+    a constant learning rate; returns the loss every 50 steps. After each step count in `snapshot_at`,
+    `snapshot(steps done)` is called with the model in eval mode: with a constant rate, the model it sees is
+    exactly the one a run of that many steps ends with (graded references from one trajectory)."""
     data = _right_padded(encode(tokenizer, keywords, replies), tokenizer.pad_token_id)
     labels = data["input_ids"].clone()
     width = labels.shape[1]
@@ -68,6 +71,10 @@ def supervised_finetune(model, tokenizer, keywords: Sequence[Sequence[str]], rep
         optimizer.zero_grad(set_to_none=True)
         if step % 50 == 0 or step == steps - 1:
             losses.append(round(loss.item(), 4))
+        if step + 1 in snapshot_at and snapshot is not None:
+            model.eval()
+            snapshot(step + 1)
+            model.train()
     model.eval()
     return losses
 

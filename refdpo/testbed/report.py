@@ -338,7 +338,9 @@ def write_report(cfg, prepared: dict, runs: list[dict], seconds: float, workers:
     runs = sorted(runs, key=lambda r: (r["seed"], r["family"], -r["beta"]))
     res = Results(prepared, runs)
     table_rows, found = rows(res), findings(res)
-    text = markdown_report(cfg, table_rows, found, prepared)
+    from refdpo.testbed.study_report import demo_advise_lines
+
+    text = "\n".join([markdown_report(cfg, table_rows, found, prepared), *demo_advise_lines(cfg, res)])
     atomic_write_text(folder / "results.csv", csv_text(table_rows))
     atomic_write_text(folder / "results.md", text + "\n")
     plots = plot(res, folder)
@@ -357,7 +359,7 @@ def _margins(records: list[dict], columns: str) -> np.ndarray:
     return np.array([r[chosen] - r[rejected] for r in records])
 
 
-def reference_agreement(data: Path) -> dict:
+def reference_agreement(data: Path, references: dict = REFERENCES) -> dict:
     """How each reference sees the pairs. On the held-out pairs: how often it gives the chosen reply more
     probability (its ranking accuracy against the labels) and how often its margin's sign agrees with r*. On the
     training pairs: its mean |margin|, and how the DPO margin h at the first step (the SFT model's margin minus
@@ -371,7 +373,7 @@ def reference_agreement(data: Path) -> dict:
                        for r in train])
     self_margin = _margins(train, REFERENCES["self"][1])
     out = {}
-    for name, (_, columns, _) in REFERENCES.items():
+    for name, (_, columns, _) in references.items():
         margin, train_margin = _margins(val, columns), _margins(train, columns)
         start = self_margin - train_margin
         out[name] = {"ranking_accuracy": float(np.mean(margin > 0) + 0.5 * np.mean(margin == 0)),

@@ -56,6 +56,28 @@ class Reward:
 _FILLER_SET = frozenset(FILLERS)
 
 
+@dataclass(frozen=True)
+class Variant:
+    """A parameter set of the task: the reward, how many fillers demonstrations carry, the generation cap and
+    the token budget of a pair. `base` is the demo's task; `long` has replies about three times longer (the
+    paper's replies are long: short replies saturate beta x (log-prob margin) early)."""
+
+    name: str
+    reward: Reward
+    good_fillers: tuple[int, int]  # distinct fillers in a good demonstration (inclusive range)
+    mediocre_fillers: tuple[int, int]  # fillers in a mediocre demonstration
+    max_reply_tokens: int  # a reply still going after this many tokens never ended
+    max_len: int  # tokens of prompt + reply + EOS, with the incompatible tokenizer's two pieces per word
+    sft_scale: int = 1  # SFT steps x this: in long replies the 3 keywords are sparse, and copying them takes
+    #                     longer to learn (measured: after 400 steps the long SFT covered 0.3 of 3, after 1200 1.5)
+
+
+VARIANTS = {
+    "base": Variant("base", Reward(), (3, 6), (0, 3), 40, 128),
+    "long": Variant("long", Reward(filler_cap=20, length_budget=32), (12, 20), (0, 10), 100, 256, sft_scale=3),
+}
+
+
 def prompts(n_train: int, n_heldout: int, rng: random.Random) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
     """Keyword triples for training and held-out prompts; no held-out triple (as a set) occurs in training."""
     combos = list(itertools.combinations(KEYWORDS, KEYWORDS_PER_PROMPT))
@@ -68,22 +90,25 @@ def prompt_text(keywords: Sequence[str]) -> str:
     return " ".join(keywords)
 
 
-def demonstration(keywords: Sequence[str], rng: random.Random, quality: str, dialect: bool = False) -> list[str]:
-    """A reply written by a demonstrator.
+def demonstration(keywords: Sequence[str], rng: random.Random, quality: str, dialect: bool = False,
+                  variant: Variant | None = None) -> list[str]:
+    """A reply written by a demonstrator (filler counts: the variant's; base shown).
 
     good      every keyword and 3-6 distinct fillers, interleaved (r* 3.9-4.8, 6-9 words)
     mediocre  1-3 keywords, 0-3 fillers, and with probability 0.3 a repeat or an off-topic keyword
     dialect   (good replies in another style, for the incompatible reference) fillers from the first half of
-              the list only, all of them before the keywords
+              the list only (at most 16), all of them before the keywords
     """
+    variant = variant or VARIANTS["base"]
     if quality == "good":
-        fillers = rng.sample(FILLERS[:16] if dialect else FILLERS, rng.randint(3, 6))
+        pool = FILLERS[:16] if dialect else FILLERS
+        fillers = rng.sample(pool, min(len(pool), rng.randint(*variant.good_fillers)))
         if dialect:
             return fillers + list(keywords)
         words = list(keywords) + fillers
         rng.shuffle(words)
         return words
-    words = rng.sample(list(keywords), rng.randint(1, 3)) + rng.sample(FILLERS, rng.randint(0, 3))
+    words = rng.sample(list(keywords), rng.randint(1, 3)) + rng.sample(FILLERS, rng.randint(*variant.mediocre_fillers))
     if rng.random() < 0.3:
         words.append(rng.choice(words) if words and rng.random() < 0.5 else
                      rng.choice([k for k in KEYWORDS if k not in keywords]))

@@ -90,3 +90,12 @@ def test_a_reference_in_another_split_is_matched_by_the_conversations(candidates
     assert outside["data"]["references"]["aligned"]["pairs"] == len(records) - 1
     assert outside["references"]["aligned"]["verdict"] == inside["references"]["aligned"]["verdict"] == "use"
     assert outside["references"]["aligned"]["scores"]["kl_proxy"] == pytest.approx(9 / 4)  # A = 3 on every pair
+
+
+def test_the_numbers_do_not_depend_on_the_number_of_processes(candidates, tmp_path):
+    common = dict(dataset=str(candidates), split="val", references="aligned=aligned_c,aligned_r noise=noise_c,noise_r",
+                  bootstrap=30, progress=False)
+    one = advise_split(AdviseConfig(**common, workers=1, out=str(tmp_path / "one")))
+    two = advise_split(AdviseConfig(**common, workers=2, out=str(tmp_path / "two")))
+    assert (tmp_path / "one" / "advise.csv").read_text() == (tmp_path / "two" / "advise.csv").read_text()
+    assert json.dumps(one["references"], sort_keys=True) == json.dumps(two["references"], sort_keys=True)  # NaN too

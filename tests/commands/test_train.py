@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 from helpers import REPO, kill_at_checkpoint, max_diff, read_metrics, run_cli, train_config, weights
 from safetensors.torch import load_file
 
@@ -193,6 +195,58 @@ def test_reference_columns_by_name_and_trl_aliases(tiny_setup, tmp_path):
     # reference margin shifted by -2 nats: beta * h = 0.1 * 2 at step 0
     expected = math.log1p(math.exp(-0.2))
     assert read_metrics(tmp_path / "other")[1][0]["val_loss"] == pytest.approx(expected, abs=1e-5)
+
+
+def _with_second_reference(tiny_setup: Path, folder: Path) -> Path:
+    """The tiny setup with a second reference pair `other_c/other_r`: the stored one shifted per response by
+    a random amount (an exponential tilt of the policy), so the two references disagree pair by pair."""
+    rng = np.random.default_rng(0)
+    (folder / "data").mkdir(parents=True)
+    for split in ("train", "val"):
+        rows = [json.loads(line) for line in (tiny_setup / "data" / f"{split}.jsonl").read_text().splitlines()]
+        with open(folder / "data" / f"{split}.jsonl", "w") as f:
+            for r in rows:
+                r["other_c"] = r["chosen_logprob"] - float(rng.uniform(0, 3))
+                r["other_r"] = r["rejected_logprob"] - float(rng.uniform(0, 3))
+                f.write(json.dumps(r) + "\n")
+    shutil.copytree(tiny_setup / "model", folder / "model")
+    return folder
+
+
+def test_ref_mix_endpoints_are_the_two_references_and_between_is_the_geometric_mixture(tiny_setup, tmp_path):
+    setup = _with_second_reference(tiny_setup, tmp_path / "setup")
+    both = "other_c,other_r,chosen_logprob,rejected_logprob"
+    common = dict(max_train_pairs=32, max_val_pairs=16, eval_interval=2, beta=0.5)
+    runs = {"self": {}, "other": {"ref_columns": "other_c,other_r"},
+            "mix0": {"ref_columns": both, "ref_mix": 0.0}, "mix1": {"ref_columns": both, "ref_mix": 1.0},
+            "mix0.3": {"ref_columns": both, "ref_mix": 0.3}}
+    logged = {}
+    for name, overrides in runs.items():
+        train(train_config(setup, tmp_path / name, **common, **overrides))
+        steps, evals = read_metrics(tmp_path / name)
+        logged[name] = [s["loss"] for s in steps] + [e["val_loss"] for e in evals]
+    assert np.abs(np.subtract(logged["mix0"], logged["self"])).max() < 1e-6
+    assert np.abs(np.subtract(logged["mix1"], logged["other"])).max() < 1e-6
+    assert np.abs(np.subtract(logged["mix1"], logged["self"])).max() > 1e-3  # the references do differ
+    # At step 0 the policy is the self reference: the mixture's offset is 0.3 x the other's, pair by pair.
+    rows = [json.loads(line) for line in (setup / "data" / "val.jsonl").read_text().splitlines()][:16]
+    h = np.array([-0.3 * ((r["other_c"] - r["chosen_logprob"]) - (r["other_r"] - r["rejected_logprob"]))
+                  for r in rows], dtype=np.float64)
+    expected = float(np.mean(np.log1p(np.exp(-0.5 * h))))
+    assert read_metrics(tmp_path / "mix0.3")[1][0]["val_loss"] == pytest.approx(expected, abs=1e-5)
+    config = yaml.safe_load((tmp_path / "mix0.3" / "config.yaml").read_text())
+    assert (config["ref_columns"], config["ref_mix"]) == (both, 0.3)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"ref_mix": 0.5}, "--ref_mix needs four --ref_columns"),
+    ({"ref_columns": "a,b,c,d"}, "say how to mix them with --ref_mix"),
+    ({"ref_columns": "a,b,c,d", "ref_mix": 1.5}, r"--ref_mix must be in \[0, 1\]"),
+    ({"ref_columns": "a,b,c,d", "ref_mix": 0.5, "ref_free": True}, "--ref_mix needs a reference"),
+])
+def test_ref_mix_refusals(tiny_setup, tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        train_config(tiny_setup, tmp_path / "run", **overrides).validate()
 
 
 def test_lora_trains_adapters_only(tiny_setup, tmp_path, monkeypatch):
