@@ -11,7 +11,7 @@
   refdpo merge --adapter RUN/best --out DIR                  fold a LoRA run's adapter into its base model
   refdpo advise --dataset D --references NAME=C,R ...      before training: use a reference? which beta?
   refdpo tiny --out DIR                                    a tiny offline model + synthetic dataset to try it on
-  refdpo demo [--quick] [--out DIR]                        the paper's three questions on a controlled task, CPU
+  refdpo demo [--quick] [--study advise] [--out DIR]       the paper's three questions (or advise's validation), CPU
   refdpo --version
 
 Every command takes --help, --config FILE.yaml and --field value (booleans: --flag, --flag false, --no-flag).

@@ -30,7 +30,9 @@ from refdpo.advise.scores import Columns, Margins, margins, scores
 
 @dataclass(frozen=True)
 class Constants:
-    """Every constant of the rules (the calibration chooses them; `FROZEN` is the set in use)."""
+    """Every constant of the rules. The defaults are the proposal's; the calibration chose `FROZEN`, the set in
+    use (how well it does on held-out references: README, "Before training", and
+    benchmarks/results/advise_study/)."""
 
     kappa_len: float = 5.0  # B1a: Tulu 3's length-normalised β 5 = κ_len (a summed-log-prob β is β_norm / T)
     kappa_flip: float = 1.0  # B1b: flipping the median mis-ranked pair needs a loss ≤ −log σ(1)
@@ -119,9 +121,12 @@ def advise(c: Columns, k: Constants = FROZEN) -> Advice:
     reasons = []
     lam = mixture_weight(s)
     gate_snr, gate_kappa = s["snr"] >= k.gate_snr and lam > 0, s["kappa"] >= k.gate_kappa
-    if not gate_snr:
+    if s["snr"] < k.gate_snr:
         reasons.append(f"its advantage over the policy is not label-aligned beyond length (SNR⊥ {s['snr']:.2f} < "
                        f"{k.gate_snr:g}, IRA⊥ {s['ira']:.3f})")
+    elif not gate_snr:
+        reasons.append("its advantage's pairs against the labels carry as much of its second moment as noise "
+                       "would: signal share 0")
     if not gate_kappa:
         reasons.append(f"it disagrees with the policy beyond chance agreement (κ_err {s['kappa']:.2f} < "
                        f"{k.gate_kappa:g})")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from refdpo import provenance as prov
 from refdpo.advise.scores import Columns
 from refdpo.config import DataSpec, check_all, option
 from refdpo.data import parse_ref_columns
@@ -111,11 +112,18 @@ def _scored_split(cfg: AdviseConfig, location) -> RawSplit:
     from refdpo.commands.score import ScoreConfig, score
 
     target = Path(cfg.out) / f"{Path(str(cfg.split)).stem}.self.jsonl"
-    log.info("%s: no %s columns: scoring them with %s into %s", raw.source, cfg.self_columns, cfg.policy, target)
-    score(ScoreConfig(model=cfg.policy, tokenizer=cfg.tokenizer, dataset=cfg.dataset,
+    job = ScoreConfig(model=cfg.policy, tokenizer=cfg.tokenizer, dataset=cfg.dataset,
                       dataset_config=cfg.dataset_config, dataset_revision=cfg.dataset_revision, split=cfg.split,
                       out=str(target), columns=cfg.self_columns, template=cfg.template, max_len=cfg.max_len,
-                      on_truncated=cfg.on_truncated, progress=cfg.progress).validate())
+                      on_truncated=cfg.on_truncated, progress=cfg.progress, overwrite=True).validate()
+    entry = prov.read(prov.sidecar_path(target)).get(prov.column_key(parse_ref_columns(cfg.self_columns)), {})
+    scored_as = {k: entry.get(k) for k in ("model", "template", "max_len", "dataset", "dataset_config", "split")}
+    if target.is_file() and scored_as == {k: getattr(job, k) for k in scored_as} and entry.get("rows_in") == len(raw):
+        log.info("%s: the self columns scored before (%s)", raw.source, target)  # a second advise: reused
+    else:
+        log.info("%s: no %s columns: scoring them with %s into %s", raw.source, cfg.self_columns, cfg.policy,
+                 target)
+        score(job)
     return locate_split(str(target.parent), str(target)).read()
 
 

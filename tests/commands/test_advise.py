@@ -50,10 +50,17 @@ def test_policy_scores_the_missing_self_columns(candidates, tiny_setup, tmp_path
     report = advise_split(AdviseConfig(dataset=str(folder), split="val", policy=str(tiny_setup / "model"),
                                        template="tulu", max_len=512, references="aligned=aligned_c,aligned_r",
                                        bootstrap=0, out=str(tmp_path / "out"), progress=False))
-    rescored = [json.loads(line) for line in (tmp_path / "out" / "val.self.jsonl").read_text().splitlines()]
+    scored = tmp_path / "out" / "val.self.jsonl"
+    rescored = [json.loads(line) for line in scored.read_text().splitlines()]
     np.testing.assert_allclose([r["chosen_logprob"] for r in rescored],
                                [r["chosen_logprob"] for r in val_records], atol=1e-3)
     assert report["references"]["aligned"]["verdict"] == "use"
+    written = scored.stat().st_mtime_ns
+    again = advise_split(AdviseConfig(dataset=str(folder), split="val", policy=str(tiny_setup / "model"),
+                                      template="tulu", max_len=512, references="aligned=aligned_c,aligned_r",
+                                      bootstrap=0, out=str(tmp_path / "out"), progress=False))
+    assert scored.stat().st_mtime_ns == written  # the same policy and settings: scored once
+    assert json.dumps(again["references"], sort_keys=True) == json.dumps(report["references"], sort_keys=True)
 
 
 @pytest.mark.parametrize("args, message", [
