@@ -3,7 +3,9 @@ rename; a folder built beside its target and swapped in), and JSON lines."""
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -25,6 +27,25 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_figure(fig, path: str | Path, dpi: int) -> None:
+    """A matplotlib figure as PNG, atomically (rendered in memory, then written as bytes)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def json_safe(obj: object) -> object:
+    """`obj` with what JSON cannot hold made plain: non-finite floats become None (null), float keys their
+    %g text; dicts, lists and tuples are walked."""
+    if isinstance(obj, dict):
+        return {(f"{k:g}" if isinstance(k, float) else k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def atomic_write_json(path: str | Path, obj: object) -> None:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
 from refdpo.advise.rules import CALIBRATION, Advice, advise
 from refdpo.advise.scores import Columns, Margins, margins
-from refdpo.io import atomic_write_json, atomic_write_text
+from refdpo.io import atomic_write_figure, atomic_write_json, atomic_write_text, json_safe
 from refdpo.tables import csv_text, markdown
 
 # (key, header, the scale it is on) of the scores the table shows; advise.json has every score.
@@ -134,22 +133,11 @@ def write_report(results: dict, columns: dict[str, Columns], info: dict, grid: l
                                     "scores": r["advice"].scores, "intervals": r["intervals"],
                                     "verdict_agreement": r["verdict_agreement"]}
                              for name, r in results.items()}}
-    atomic_write_json(out / "advise.json", _finite(report))
+    atomic_write_json(out / "advise.json", json_safe(report))
     jobs = plot_jobs(results, columns, grid, out)
     report["plots"] = run_jobs(jobs) if run_jobs else [function(*args) for function, args in jobs]
     report["text"] = text
     return report
-
-
-def _finite(obj):
-    """JSON has no inf/nan: they are written as null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 PLOTTED = 20_000  # pairs drawn in the scatter plots (hexbins look the same; 60k take seconds)
@@ -163,14 +151,12 @@ def _subsample(m: Margins, n: int) -> Margins:
 
 
 def _save(fig, path: Path) -> str:
-    """Write a figure atomically (a temp file, then a rename) and close it; returns the file name."""
+    """Write a figure (atomically) and close it; returns the file name."""
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
+    atomic_write_figure(fig, path, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
     return path.name
 
 

@@ -104,11 +104,13 @@ def _reply(conversation) -> str:
     return str(conversation[-1].get("content") or "")
 
 
-def _scored_split(cfg: AdviseConfig, location) -> RawSplit:
-    """The split with the self columns: as it is, or scored by --policy through `refdpo score` into OUT."""
+def _scored_split(cfg: AdviseConfig, location) -> tuple[RawSplit, set[str]]:
+    """The split with the self columns, as it is or scored by --policy through `refdpo score` into OUT, and its
+    column names (a scan of every record: done once)."""
     raw = location.read()
-    if set(parse_ref_columns(cfg.self_columns)) <= set(raw.columns) or not cfg.policy:
-        return raw
+    names = raw.columns
+    if set(parse_ref_columns(cfg.self_columns)) <= names or not cfg.policy:
+        return raw, names
     from refdpo.commands.score import ScoreConfig, score
 
     target = Path(cfg.out) / f"{Path(str(cfg.split)).stem}.self.jsonl"
@@ -124,7 +126,8 @@ def _scored_split(cfg: AdviseConfig, location) -> RawSplit:
         log.info("%s: no %s columns: scoring them with %s into %s", raw.source, cfg.self_columns, cfg.policy,
                  target)
         score(job)
-    return locate_split(str(target.parent), str(target)).read()
+    raw = locate_split(str(target.parent), str(target)).read()
+    return raw, raw.columns
 
 
 def _tokens_per_byte(cfg: AdviseConfig, replies: list[str], rng: np.random.Generator) -> float | None:
@@ -182,10 +185,9 @@ def load_columns(cfg: AdviseConfig) -> tuple[dict[str, Columns], dict]:
     """Per reference, its Columns against the self columns (on the pairs it has); and what was read."""
     specs = cfg.reference_specs()
     location = locate_split(cfg.dataset, cfg.split, cfg.dataset_config, cfg.dataset_revision)
-    raw = _scored_split(cfg, location)
+    raw, names = _scored_split(cfg, location)
     if not raw.records:
         raise DataError(raw.source, "has no records")
-    names = raw.columns  # a scan of every record: once
     self_pair = resolve_ref_columns(names, parse_ref_columns(cfg.self_columns), raw.source,
                                     f"refdpo advise --policy MODEL (or refdpo score --model POLICY --split {cfg.split})")
     needed = [c for pair, source in specs.values() if pair and not source for c in pair]
@@ -242,7 +244,7 @@ def advise_split(cfg: AdviseConfig) -> dict:
     if workers == 1 or "fork" not in multiprocessing.get_all_start_methods():
         return _report(cfg, columns, info, [function(*args) for function, args in boot], None)
     # The references' bootstraps, then the plots, are independent: one process each (fork: nothing is copied).
-    with ProcessPoolExecutor(max(workers, 2), mp_context=multiprocessing.get_context("fork")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         def run_jobs(jobs: list[tuple]) -> list:
             return [future.result() for future in [pool.submit(function, *args) for function, args in jobs]]
 

@@ -29,6 +29,7 @@ from refdpo.core.logprobs import TokenLogprobs, token_logprobs
 from refdpo.data import PairData, load_pairs
 from refdpo.data.templates import check_template
 from refdpo.errors import ConfigError
+from refdpo.io import atomic_write_figure
 from refdpo.modeling import default_device, load_frozen, pad_token_id
 from refdpo.provenance import tokenizer_fingerprint
 from refdpo.tables import write_tables
@@ -152,7 +153,7 @@ def _plot(result: dict, token_rows, hist_rows, top_rows, out: Path) -> None:
            ylabel="ratio of token types", title="Fig. 1: per-token log-prob differences")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(out / "token_histogram.png", dpi=120)
+    atomic_write_figure(fig, out / "token_histogram.png", dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(9, 0.4 * max(len(top_rows), 3) + 1.5))
@@ -165,7 +166,7 @@ def _plot(result: dict, token_rows, hist_rows, top_rows, out: Path) -> None:
     ax.set(xlabel="mean log-probability difference", title="Fig. 2: most down-weighted tokens")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # off the bars
     fig.tight_layout()
-    fig.savefig(out / "top_tokens.png", dpi=120)
+    atomic_write_figure(fig, out / "top_tokens.png", dpi=120)
     plt.close(fig)
 
     # The two statistics differ by orders of magnitude (values near -6, differences near 0.01): one axis each.
@@ -182,7 +183,7 @@ def _plot(result: dict, token_rows, hist_rows, top_rows, out: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("Fig. 3: the end token's log-probability")
     fig.tight_layout()
-    fig.savefig(out / "eos.png", dpi=120)
+    atomic_write_figure(fig, out / "eos.png", dpi=120)
     plt.close(fig)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from refdpo.io import atomic_write_json, atomic_write_text, read_jsonl
+from refdpo.io import atomic_write_figure, atomic_write_json, atomic_write_text, read_jsonl
 from refdpo.tables import csv_text
 from refdpo.testbed.task import FAMILIES, REFERENCES
 
@@ -279,7 +279,7 @@ def plot(res: Results, folder: Path) -> list[str]:
         ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         fig.suptitle(title, fontsize=11)
         fig.tight_layout()
-        fig.savefig(folder / f"{name}.png", dpi=120)
+        atomic_write_figure(fig, folder / f"{name}.png", dpi=120)
         plt.close(fig)
         return f"{name}.png"
 

@@ -296,12 +296,14 @@ def plot(loaded: dict, folder: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from refdpo.io import atomic_write_figure
+
     written = []
 
     def save(fig, name: str, title: str) -> None:
         fig.suptitle(title, fontsize=11)
         fig.tight_layout(rect=(0, 0, 1, 0.97))
-        fig.savefig(folder / f"{name}.png", dpi=110)
+        atomic_write_figure(fig, folder / f"{name}.png", dpi=110)
         plt.close(fig)
         written.append(f"{name}.png")
 

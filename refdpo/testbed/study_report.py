@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from refdpo.advise.rules import CALIBRATION
-from refdpo.io import atomic_write_json, atomic_write_text, read_jsonl
+from refdpo.io import atomic_write_json, atomic_write_text, json_safe, read_jsonl
 from refdpo.tables import csv_text
 from refdpo.testbed.study import ADVISE_SPLIT, advise_one
 from refdpo.testbed.study_eval import (
@@ -70,18 +70,8 @@ def write_study_report(cfg, seconds: float, workers: int, phases: list[str], tra
     report = {"config": cfg.fingerprint(), "advise_constants": CALIBRATION, "summary": summary, "plots": plots,
               "timing": {"seconds": round(seconds, 1), "workers": workers}, "timings": timing,
               "units": {p: [{k: v for k, v in u.items()} for u in units] for p, units in loaded.items()}}
-    atomic_write_json(folder / "results.json", _jsonable(report))
+    atomic_write_json(folder / "results.json", json_safe(report))
     return {**report, "text": text}
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {(f"{k:g}" if isinstance(k, float) else k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 # --- the text ---------------------------------------------------------------------------------------------------
